@@ -1,0 +1,232 @@
+"""`detprune <stage>`: argument parsing only; each subcommand calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from detprune import __version__
+
+log = logging.getLogger("detprune")
+
+
+def _setup_logging(logfile: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if logfile:
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logfile, mode="w"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _config(path: str) -> dict:
+    from detprune.config import load_config
+
+    return load_config(path)
+
+
+def cmd_data_synth(a: argparse.Namespace) -> None:
+    from detprune.data.synth import write_synthetic
+
+    cfg = _config(a.config)["data"]["synth"]
+    summary = write_synthetic(Path(a.out_dir), **cfg)
+    log.info("synthetic dataset in %s: %s", a.out_dir, summary)
+
+
+def cmd_data_check(a: argparse.Namespace) -> None:
+    from detprune.data.coco import check_coco
+    from detprune.utils.io import write_json
+    from detprune.utils.provenance import provenance
+
+    summary = check_coco(a.ann, a.images)
+    log.info("%s: OK %s", a.ann, summary)
+    if a.out:
+        write_json(a.out, {"ann": a.ann, "images": a.images, "summary": summary,
+                           "provenance": provenance()})
+
+
+def cmd_data_voc2coco(a: argparse.Namespace) -> None:
+    from detprune.data.voc import voc_to_coco
+
+    summary = voc_to_coco(Path(a.voc_root), a.split, Path(a.out))
+    log.info("wrote %s: %s", a.out, summary)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from detprune import stages
+
+    stages.set_threads(a.threads)
+    stages.train(_config(a.config), a.train_ann, a.train_images, a.out)
+
+
+def cmd_prune(a: argparse.Namespace) -> None:
+    from detprune import stages
+
+    stages.set_threads(a.threads)
+    stages.prune(_config(a.config), a.method, a.flops, a.checkpoint, a.train_ann,
+                 a.train_images, a.out, a.summary)
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from detprune import stages
+
+    stages.set_threads(a.threads)
+    stages.finetune(_config(a.config), a.method, a.checkpoint, a.train_ann, a.train_images, a.out)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from detprune import stages
+
+    stages.set_threads(a.threads)
+    stages.evaluate_checkpoint(_config(a.config), a.checkpoint, a.val_ann, a.val_images, a.out,
+                               a.method, a.flops)
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from detprune import stages
+
+    for p in stages.report(_config(a.config), a.metrics, a.prune_summaries, a.tables_dir,
+                           a.figures_dir):
+        log.info("wrote %s", p)
+
+
+def cmd_list(a: argparse.Namespace) -> None:
+    if a.what == "models":
+        from detprune.models import MODELS
+
+        for name, entry in MODELS.items():
+            print(f"{name:28s} {entry.description}")
+    else:
+        from detprune.pruning.methods import METHODS
+
+        for name, m in METHODS.items():
+            print(f"{name:14s} {m.description}")
+
+
+def cmd_dvc(a: argparse.Namespace) -> None:
+    from detprune.utils.io import write_text
+    from detprune.workflow import dvc_yaml
+
+    text = dvc_yaml(_config(a.config), a.config)
+    if a.check:
+        current = Path(a.out).read_text() if Path(a.out).is_file() else ""
+        if current != text:
+            sys.exit(f"{a.out} is stale: regenerate with `detprune dvc --config {a.config}`")
+        print(f"{a.out} is up to date")
+        return
+    write_text(a.out, text)
+    print(f"wrote {a.out}")
+
+
+def _common(p: argparse.ArgumentParser, *, config: bool = True, threads: bool = False) -> None:
+    if config:
+        p.add_argument("--config", required=True, help="pipeline config YAML (validated)")
+    if threads:
+        p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--log", default=None, help="also write the log to this file")
+
+
+def _data_paths(p: argparse.ArgumentParser, split: str) -> None:
+    p.add_argument(f"--{split}-ann", required=True, help=f"COCO instances JSON of the {split} split")
+    p.add_argument(f"--{split}-images", required=True, help=f"image folder of the {split} split")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``detprune`` console script."""
+    parser = argparse.ArgumentParser(prog="detprune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"detprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets: synthetic, checks, VOC conversion")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("synth", help="write the embedded synthetic COCO dataset (deterministic)")
+    _common(p)
+    p.add_argument("--out-dir", required=True, help="dataset folder to create")
+    p.set_defaults(func=cmd_data_synth)
+    p = dsub.add_parser("check", help="validate a COCO JSON and its images before training")
+    _common(p, config=False)
+    p.add_argument("--ann", required=True, help="COCO instances JSON")
+    p.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
+    p.add_argument("--out", default=None, help="write a JSON summary here when the check passes")
+    p.set_defaults(func=cmd_data_check)
+    p = dsub.add_parser("voc2coco", help="convert a PASCAL VOC split (VOCdevkit XML) to COCO JSON")
+    _common(p, config=False)
+    p.add_argument("--voc-root", required=True, help="e.g. VOCdevkit/VOC2007")
+    p.add_argument("--split", required=True, help="ImageSets/Main/<split>.txt, e.g. trainval")
+    p.add_argument("--out", required=True, help="output COCO JSON")
+    p.set_defaults(func=cmd_data_voc2coco)
+
+    p = sub.add_parser("train", help="train the baseline detector")
+    _common(p, threads=True)
+    _data_paths(p, "train")
+    p.add_argument("--out", required=True, help="final checkpoint (.pt); <out>.resume.pt resumes")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prune", help="prune a checkpoint to a share of its FLOPs")
+    _common(p, threads=True)
+    p.add_argument("--method", required=True, help="a name from `detprune list methods`")
+    p.add_argument("--flops", type=float, required=True, help="share of FLOPs to keep, e.g. 0.5")
+    p.add_argument("--checkpoint", required=True, help="checkpoint to prune")
+    _data_paths(p, "train")
+    p.add_argument("--out", required=True, help="pruned checkpoint (state_dict + history)")
+    p.add_argument("--summary", required=True, help="JSON: FLOPs reached, channels per layer")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint")
+    _common(p, threads=True)
+    p.add_argument("--method", required=True, help="selects finetune.methods overrides")
+    p.add_argument("--checkpoint", required=True, help="pruned checkpoint")
+    _data_paths(p, "train")
+    p.add_argument("--out", required=True, help="fine-tuned checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="COCO AP, params, FLOPs and latency of a checkpoint")
+    _common(p, threads=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
+    _data_paths(p, "val")
+    p.add_argument("--method", default="baseline", help="method name recorded in the metrics")
+    p.add_argument("--flops", type=float, default=1.0, help="FLOPs target recorded")
+    p.add_argument("--out", required=True, help="metrics JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="paper-style tables and figures from metrics JSONs")
+    _common(p)
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics JSONs")
+    p.add_argument("--prune-summaries", nargs="*", default=[], help="pruning summary JSONs")
+    p.add_argument("--tables-dir", required=True, help="folder for .csv/.md/.tex tables")
+    p.add_argument("--figures-dir", required=True, help="folder for .png figures")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("list", help="list registered models or methods")
+    p.add_argument("what", choices=["models", "methods"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("dvc", help="generate dvc.yaml from the config")
+    p.add_argument("--config", required=True, help="pipeline config YAML")
+    p.add_argument("--out", default="dvc.yaml", help="where to write (default dvc.yaml)")
+    p.add_argument("--check", action="store_true", help="fail if --out differs, write nothing")
+    p.set_defaults(func=cmd_dvc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``detprune`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "log", None))
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+        from detprune.config import ConfigError
+        from detprune.data.coco import DatasetError
+
+        if isinstance(exc, (ConfigError, DatasetError, FileNotFoundError, KeyError)):
+            log.error("%s", exc if not isinstance(exc, KeyError) else exc.args[0])
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Load and validate the pipeline config (the same JSON schema Snakemake validates)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that does not satisfy the schema."""
+
+
+def schema() -> dict[str, Any]:
+    """The config JSON schema shipped with the package."""
+    text = resources.files("detprune").joinpath("schemas/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def validate(config: Mapping[str, Any], source: str = "<config>") -> None:
+    """Raise :class:`ConfigError` naming ``source``, each bad field and its problem."""
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            field = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+            lines.append(f"{source}: field '{field}': {err.message}")
+        raise ConfigError("\n".join(lines))
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file does not exist")
+    try:
+        config = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    validate(config, str(p))
+    return config
+
+
+def finetune_schedule(config: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The fine-tuning schedule of ``method``: the shared default plus its overrides."""
+    sched = copy.deepcopy(dict(config["finetune"]["default"]))
+    sched.update(config["finetune"].get("methods", {}).get(method, {}))
+    return sched
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``override`` merged in recursively."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation of detectors: COCO box AP/AR through pycocotools, and model cost."""

@@ -1,0 +1,102 @@
+"""Backbones with ordinary (prunable) BatchNorm, wrapped with torchvision's FPN."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+_RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+
+
+class NarrowResNet(nn.Module):
+    """A ResNet of BasicBlocks with configurable stage widths, sized for CPU runs.
+
+    Same graph as torchvision's ResNet (stem, four residual stages at strides 4..32),
+    so every pruning method sees the coupled residual groups of the papers' ResNets.
+    """
+
+    def __init__(self, widths: Sequence[int], blocks: Sequence[int], stem_width: int) -> None:
+        super().__init__()
+        if len(widths) != 4 or len(blocks) != 4:
+            raise ValueError("NarrowResNet needs four stage widths and four block counts")
+        self.conv1 = nn.Conv2d(3, stem_width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_ch = stem_width
+        for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+            stride = 1 if i == 0 else 2
+            layers: list[nn.Module] = []
+            for j in range(count):
+                down = None
+                s = stride if j == 0 else 1
+                if s != 1 or in_ch != width:
+                    down = nn.Sequential(
+                        nn.Conv2d(in_ch, width, 1, stride=s, bias=False), nn.BatchNorm2d(width)
+                    )
+                layers.append(resnet.BasicBlock(in_ch, width, stride=s, downsample=down))
+                in_ch = width
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - FPN uses children
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _load_pretrained(model: nn.Module, path: str | None) -> None:
+    """Load backbone weights from a local file (never downloaded)."""
+    if not path:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.pretrained_backbone: {p} does not exist")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    stray = [k for k in unexpected if not k.startswith("fc.")]
+    if stray:
+        raise ValueError(f"model.pretrained_backbone: {p} has unexpected keys {stray[:5]}")
+    if missing:
+        raise ValueError(f"model.pretrained_backbone: {p} lacks keys {missing[:5]}")
+
+
+def resnet_fpn(
+    arch: str,
+    fpn_channels: int,
+    *,
+    widths: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
+    stem_width: int = 16,
+    pretrained_backbone: str | None = None,
+) -> BackboneWithFPN:
+    """ResNet (``resnet18``, ``resnet50`` or ``narrow``) + FPN with P2-P6 outputs."""
+    if arch == "narrow":
+        body: nn.Module = NarrowResNet(widths or (16, 32, 64, 128), blocks or (1, 1, 1, 1), stem_width)
+        in_channels = list(widths or (16, 32, 64, 128))
+    elif arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        body = getattr(resnet, arch)(weights=None, norm_layer=nn.BatchNorm2d)
+        _load_pretrained(body, pretrained_backbone)
+        expansion = 4 if arch in ("resnet50", "resnet101") else 1
+        in_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+    else:
+        raise ValueError(f"model.backbone: unknown backbone {arch!r}")
+    if arch == "narrow" and pretrained_backbone:
+        _load_pretrained(body, pretrained_backbone)
+    return BackboneWithFPN(
+        body,
+        return_layers=_RETURN_LAYERS,
+        in_channels_list=in_channels,
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=None,
+    )

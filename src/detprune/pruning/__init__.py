@@ -1,0 +1,1 @@
+"""Structural channel pruning over torch-pruning: the core and the METHODS registry."""

@@ -1,0 +1,1 @@
+"""Importance criteria: one file per criterion family."""

@@ -1,0 +1,1 @@
+"""Reporting: paper-style tables (CSV, Markdown, LaTeX) and figures from metrics records."""

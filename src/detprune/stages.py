@@ -1,0 +1,194 @@
+"""One function per pipeline stage; the CLI parses arguments and calls these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detprune.config import finetune_schedule
+from detprune.data.coco import CocoDetection
+from detprune.data.transforms import get_transform
+from detprune.evaluation.cost import count_macs, count_params, measure_latency
+from detprune.models import MODELS, build_model, ignored_modules
+from detprune.pruning.core import macs_counter, prune_to_flops
+from detprune.pruning.methods import get_method
+from detprune.train import checkpoint
+from detprune.train.engine import evaluate, fit, resolve_device
+from detprune.utils.io import write_json
+from detprune.utils.provenance import provenance
+from detprune.utils.seed import seed_everything
+
+log = logging.getLogger("detprune")
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _train_set(ann: str, images: str, augment: str) -> CocoDetection:
+    return CocoDetection(ann, images, transforms=get_transform(augment, train=True))
+
+
+def _rois(spec: dict[str, Any]) -> int:
+    entry = MODELS[spec["name"]]
+    return int(spec["kwargs"].get("rpn_post_nms_top_n_test", 0)) if entry.per_roi_modules else 0
+
+
+def _image_size(spec: dict[str, Any]) -> int:
+    return int(spec["kwargs"].get("image_size", MODELS[spec["name"]].image_size))
+
+
+def train(config: dict[str, Any], train_ann: str, train_images: str, out: str) -> dict[str, Any]:
+    """Train the baseline detector from scratch (or from a local pretrained backbone)."""
+    seed_everything(config["seed"])
+    sched = config["train"]
+    train_set = _train_set(train_ann, train_images, sched["augment"])
+    overrides = dict(config["model"].get("kwargs", {}))
+    if config["model"].get("pretrained_backbone"):
+        overrides["pretrained_backbone"] = config["model"]["pretrained_backbone"]
+    spec = checkpoint.model_spec(config["model"]["name"], train_set.num_classes, overrides)
+    model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
+    meta = provenance({k: config[k] for k in ("seed", "model", "train")}, stage="train",
+                      method="baseline", flops_target=1.0, seed=config["seed"],
+                      class_names=train_set.class_names)
+    meta["fingerprint"] = _fingerprint(sched=sched, spec=spec, seed=config["seed"],
+                                       data=_sha256(train_ann))
+    return fit(model, spec=spec, history=[], sched=sched, train_set=train_set,
+               seed=config["seed"], out=Path(out), meta=meta)
+
+
+def prune(config: dict[str, Any], method: str, flops: float, ckpt_path: str, train_ann: str,
+          train_images: str, out: str, summary: str) -> dict[str, Any]:
+    """Prune the baseline with ``method`` to ``flops`` of its MACs; write model and summary."""
+    seed_everything(config["seed"])
+    pcfg = config["prune"]
+    meth = get_method(method)
+    model, ckpt = checkpoint.load_model(ckpt_path)
+    spec = ckpt["model"]
+    if meth.needs_gradients:
+        raise NotImplementedError(f"method {method!r} needs calibration gradients")
+    importance = meth.importance(**dict(meth.options))
+    result = prune_to_flops(
+        model,
+        importance=importance,
+        target=flops,
+        example=checkpoint.example_inputs(spec),
+        ignored=list(MODELS[spec["name"]].ignored_layers),
+        macs_fn=macs_counter(_image_size(spec), MODELS[spec["name"]].per_roi_modules, _rois(spec)),
+        global_pruning=pcfg.get("global_pruning", True) and meth.global_pruning,
+        max_layer_ratio=pcfg.get("max_layer_ratio", 0.9),
+        round_to=pcfg.get("round_to"),
+        tolerance=pcfg.get("tolerance", 0.02),
+    )
+    history = list(ckpt["pruning_history"]) + list(result.history)
+    meta = provenance({k: config[k] for k in ("seed", "model", "prune")}, stage="prune",
+                      method=method, flops_target=flops, seed=config["seed"],
+                      source=ckpt_path, pruning=result.report)
+    meta["class_names"] = ckpt["meta"].get("class_names")
+    checkpoint.save(out, spec=spec, model=result.model, history=history, meta=meta)
+    record = {"detector": spec["name"], "method": method, "seed": config["seed"],
+              **{k: v for k, v in result.report.items() if k != "trials"},
+              "trials": result.report["trials"], "provenance": provenance()}
+    write_json(summary, record)
+    log.info("%s at %.2f: kept %.4f of MACs, params %d -> %d", method, flops,
+             result.report["flops_kept"], result.report["params_before"],
+             result.report["params_after"])
+    return record
+
+
+def finetune(config: dict[str, Any], method: str, ckpt_path: str, train_ann: str,
+             train_images: str, out: str) -> dict[str, Any]:
+    """Fine-tune a pruned model with the method's schedule (the shared default)."""
+    seed_everything(config["seed"])
+    sched = finetune_schedule(config, method)
+    model, ckpt = checkpoint.load_model(ckpt_path)
+    train_set = _train_set(train_ann, train_images, sched["augment"])
+    meta = dict(ckpt["meta"])
+    meta.update(provenance({"seed": config["seed"], "finetune": sched}, stage="finetune",
+                           method=method, source=ckpt_path))
+    meta["fingerprint"] = _fingerprint(sched=sched, seed=config["seed"], init=_sha256(ckpt_path),
+                                       data=_sha256(train_ann))
+    return fit(model, spec=ckpt["model"], history=ckpt["pruning_history"], sched=sched,
+               train_set=train_set, seed=config["seed"], out=Path(out), meta=meta)
+
+
+def evaluate_checkpoint(config: dict[str, Any], ckpt_path: str, val_ann: str, val_images: str,
+                        out: str, method: str, flops: float) -> dict[str, Any]:
+    """COCO metrics, parameters, MACs and latency of a checkpoint, as one JSON record."""
+    seed_everything(config["seed"])
+    ecfg = config["evaluate"]
+    model, ckpt = checkpoint.load_model(ckpt_path)
+    spec = ckpt["model"]
+    device = resolve_device("auto")
+    dataset = CocoDetection(val_ann, val_images)
+    model.to(device)
+    metrics, summary = evaluate(model, dataset, device, ecfg["batch_size"])
+    model.cpu()
+    macs = count_macs(model, _image_size(spec), per_roi_modules=MODELS[spec["name"]].per_roi_modules,
+                      rois_per_image=_rois(spec))
+    image, _ = dataset[0]
+    latency = measure_latency(model.to(device), image, ecfg["latency_runs"])
+    record = {
+        "detector": spec["name"],
+        "method": method,
+        "flops_target": flops,
+        "seed": int(ckpt["meta"].get("seed", config["seed"])),
+        "metrics": metrics,
+        "cost": {"params": count_params(model), "macs": macs["macs"],
+                 "input_size": macs["input_size"], "rois_per_image": macs["rois_per_image"],
+                 **latency},
+        "coco_summary": summary,
+        "checkpoint": {"path": ckpt_path, "sha256": _sha256(ckpt_path),
+                       "pruning": ckpt["meta"].get("pruning", {}).get("flops_kept")},
+        "provenance": provenance({"evaluate": ecfg}, checkpoint_meta={
+            k: v for k, v in ckpt["meta"].items() if k not in ("train_log", "pruning")}),
+    }
+    write_json(out, record)
+    log.info("%s %s: AP %.4f AP50 %.4f", method, flops, metrics["AP"] or 0, metrics["AP50"] or 0)
+    return record
+
+
+def report(config: dict[str, Any], metrics: list[str], summaries: list[str], tables_dir: str,
+           figures_dir: str) -> list[Path]:
+    """Paper-style tables, a compact metrics summary, and the figures."""
+    from detprune.report.figures import plot_channels_per_layer, plot_map_vs_flops
+    from detprune.report.tables import build_table, load_records, write_table
+
+    name = config["report"]["name"]
+    records = load_records([Path(p) for p in metrics])
+    df = build_table(records)
+    paths = write_table(df, Path(tables_dir) / name)
+    summary = {f"{r['method']}@{r['flops_target']:g}": {k: r["metrics"][k] for k in
+               ("AP", "AP50", "AP75", "APs", "APm", "APl")} | {"macs": r["cost"]["macs"],
+               "params": r["cost"]["params"]} for r in records}
+    write_json(Path(tables_dir) / f"{name}_summary.json", summary)
+    paths.append(plot_map_vs_flops(df, Path(figures_dir) / f"{name}_map_vs_flops.png",
+                                   title=f"{name}: mAP vs FLOPs kept"))
+    layer_records = []
+    for p in summaries:
+        rec = json.loads(Path(p).read_text())
+        layer_records.append({"method": rec["method"], "flops_target": rec["flops_target"],
+                              "layers": rec["layers"]})
+    paths.append(plot_channels_per_layer(layer_records,
+                                         Path(figures_dir) / f"{name}_channels_per_layer.png",
+                                         title=f"{name}: channels kept per layer"))
+    return paths
+
+
+def set_threads(threads: int | None) -> None:
+    """Limit torch's intra-op threads (Snakemake's ``threads``)."""
+    if threads:
+        torch.set_num_threads(threads)

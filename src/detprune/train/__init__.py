@@ -1,0 +1,1 @@
+"""Training engine (torchvision references/detection style) and checkpoints."""

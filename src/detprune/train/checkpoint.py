@@ -1,0 +1,99 @@
+"""The fixed checkpoint dict: weights, architecture spec and pruning history, no pickles.
+
+A checkpoint rebuilds its model from the registry (``model`` spec), replays
+torch-pruning's pruning history on it, then loads the state_dict, all loaded with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from detprune.models import MODELS, build_model, model_kwargs
+from detprune.utils.io import torch_load, torch_save
+
+FORMAT = "detprune-checkpoint/1"
+REQUIRED = ("format", "model", "pruning_history", "state_dict")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the spec survives ``weights_only`` loading as-is."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def model_spec(name: str, num_classes: int, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """What :func:`rebuild` needs to construct the unpruned architecture."""
+    return {"name": name, "num_classes": int(num_classes), "kwargs": _plain(model_kwargs(name, overrides))}
+
+
+def example_inputs(spec: dict[str, Any]) -> list[torch.Tensor]:
+    """A fixed batch-1 input for tracing the dependency graph."""
+    size = int(spec["kwargs"].get("image_size", MODELS[spec["name"]].image_size))
+    gen = torch.Generator().manual_seed(0)
+    return [torch.rand(3, size, size, generator=gen)]
+
+
+def apply_history(model: nn.Module, spec: dict[str, Any], history: list) -> nn.Module:
+    """Replay torch-pruning's pruning history on a freshly built model."""
+    if history:
+        was_training = model.training
+        model.eval()
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=(example_inputs(spec),))
+        dg.load_pruning_history(history)
+        model.train(was_training)
+    return model
+
+
+def rebuild(spec: dict[str, Any], history: list) -> nn.Module:
+    """Build the registry model of ``spec`` and prune it to ``history``."""
+    model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
+    return apply_history(model, spec, history)
+
+
+def save(path: str | Path, *, spec: dict[str, Any], model: nn.Module, history: list,
+         meta: dict[str, Any], **state: Any) -> None:
+    """Write a checkpoint atomically. ``state`` holds optimizer/scheduler/epoch/rng."""
+    ckpt = {
+        "format": FORMAT,
+        "model": spec,
+        "pruning_history": _plain(history),
+        "state_dict": model.state_dict(),
+        "meta": meta,
+        **state,
+    }
+    torch_save(path, ckpt)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint dict (``weights_only=True``) and check its fields."""
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: checkpoint is not a dict")
+    for key in REQUIRED:
+        if key not in ckpt:
+            raise ValueError(f"{path}: checkpoint lacks field '{key}'")
+    if ckpt["format"] != FORMAT:
+        raise ValueError(f"{path}: field 'format' is {ckpt['format']!r}, expected {FORMAT!r}")
+    if ckpt["model"].get("name") not in MODELS:
+        raise ValueError(f"{path}: field 'model.name' {ckpt['model'].get('name')!r} is not registered")
+    return ckpt
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the (possibly pruned) model stored at ``path`` and load its weights."""
+    ckpt = load(path)
+    model = rebuild(ckpt["model"], ckpt["pruning_history"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: field 'state_dict' does not fit the rebuilt model ({exc})") from exc
+    return model, ckpt

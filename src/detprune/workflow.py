@@ -1,0 +1,222 @@
+"""The pipeline plan: paths and command templates shared by the Snakefile and dvc.yaml.
+
+Snakemake rules use ``COMMANDS[...]`` as their ``shell:`` and ``path(...)`` for their
+files; :func:`dvc_stages` formats the very same templates with concrete paths, so
+``dvc.yaml`` runs exactly the commands Snakemake runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+PATHS = {
+    "synth": "{results}/data/synth",
+    "check": "{results}/data/check_{split}.json",
+    "baseline": "{results}/models/baseline.pt",
+    "pruned": "{results}/models/pruned/{method}/flops{pct}.pt",
+    "prune_summary": "{results}/models/pruned/{method}/flops{pct}.json",
+    "finetuned": "{results}/models/finetuned/{method}/flops{pct}.pt",
+    "metrics_baseline": "{results}/metrics/baseline.json",
+    "metrics": "{results}/metrics/{method}/flops{pct}.json",
+    "table": "{results}/tables/{name}.{ext}",
+    "summary": "{results}/tables/{name}_summary.json",
+    "figure": "{results}/figures/{name}_{kind}.png",
+    "log": "{results}/logs/{stage}.log",
+    "benchmark": "{results}/benchmarks/{stage}.tsv",
+}
+
+# Which config sections each stage reads (DVC ``params:``, Snakemake rerun trigger).
+PARAMS = {
+    "synth": ["data"],
+    "check": ["data"],
+    "train": ["seed", "model", "train"],
+    "prune": ["seed", "model", "prune"],
+    "finetune": ["seed", "finetune"],
+    "evaluate": ["evaluate"],
+    "report": ["report"],
+}
+
+COMMANDS = {
+    "synth": "detprune data synth --config {params.config} --out-dir {params.out_dir} --log {log}",
+    "check": ("detprune data check --ann {input.ann} --images {input.images} "
+              "--out {output.report} --log {log}"),
+    "train": ("detprune train --config {params.config} --train-ann {input.train_ann} "
+              "--train-images {input.train_images} --out {output.model} "
+              "--threads {threads} --log {log}"),
+    "prune": ("detprune prune --config {params.config} --method {params.method} "
+              "--flops {params.flops} --checkpoint {input.model} "
+              "--train-ann {input.train_ann} --train-images {input.train_images} "
+              "--out {output.model} --summary {output.summary} --threads {threads} --log {log}"),
+    "finetune": ("detprune finetune --config {params.config} --method {params.method} "
+                 "--checkpoint {input.model} --train-ann {input.train_ann} "
+                 "--train-images {input.train_images} --out {output.model} "
+                 "--threads {threads} --log {log}"),
+    "evaluate": ("detprune evaluate --config {params.config} --method {params.method} "
+                 "--flops {params.flops} --checkpoint {input.model} --val-ann {input.val_ann} "
+                 "--val-images {input.val_images} --out {output.metrics} "
+                 "--threads {threads} --log {log}"),
+    "report": ("detprune report --config {params.config} --metrics {input.metrics} "
+               "--prune-summaries {input.summaries} --tables-dir {params.tables_dir} "
+               "--figures-dir {params.figures_dir} --log {log}"),
+}
+
+
+def pct(target: float) -> str:
+    """FLOPs share as the wildcard value used in paths: 0.5 -> '50', 0.125 -> '12.5'."""
+    value = round(target * 100, 4)
+    return f"{value:g}"
+
+
+def path(key: str, config: Mapping[str, Any], **fields: Any) -> str:
+    """A concrete path of kind ``key``."""
+    return PATHS[key].format(results=config["results"], **fields)
+
+
+def dataset_paths(config: Mapping[str, Any]) -> dict[str, str]:
+    """Annotation files and image folders of the train and val splits."""
+    if config["data"]["source"] == "synth":
+        root = path("synth", config)
+        return {"train_ann": f"{root}/instances_train.json", "train_images": f"{root}/train",
+                "val_ann": f"{root}/instances_val.json", "val_images": f"{root}/val"}
+    return dict(config["data"]["coco"])
+
+
+def pruned_targets(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(method, pct) pairs in config order."""
+    return [(m, pct(t)) for m in config["prune"]["methods"] for t in config["prune"]["flops_targets"]]
+
+
+def metrics_files(config: Mapping[str, Any]) -> list[str]:
+    """Every metrics JSON the report reads, baseline first."""
+    return [path("metrics_baseline", config)] + [
+        path("metrics", config, method=m, pct=p) for m, p in pruned_targets(config)
+    ]
+
+
+def summary_files(config: Mapping[str, Any]) -> list[str]:
+    """Every pruning summary the report reads."""
+    return [path("prune_summary", config, method=m, pct=p) for m, p in pruned_targets(config)]
+
+
+def report_outputs(config: Mapping[str, Any]) -> dict[str, str]:
+    """The files of the report stage."""
+    name = config["report"]["name"]
+    out = {ext: path("table", config, name=name, ext=ext) for ext in ("csv", "md", "tex")}
+    out["summary"] = path("summary", config, name=name)
+    out["map_vs_flops"] = path("figure", config, name=name, kind="map_vs_flops")
+    out["channels"] = path("figure", config, name=name, kind="channels_per_layer")
+    return out
+
+
+def section_digest(config: Mapping[str, Any], stage: str) -> str:
+    """The config sections a stage reads, as canonical JSON (a rerun trigger)."""
+    return json.dumps({k: config[k] for k in PARAMS[stage]}, sort_keys=True)
+
+
+@dataclass
+class Stage:
+    """One DVC stage: the formatted command and its files."""
+
+    name: str
+    cmd: str
+    deps: list[str]
+    outs: list[str]
+    params: list[str]
+    metrics: list[str] = field(default_factory=list)
+    plots: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _cmd(stage: str, **parts: Any) -> str:
+    ns = {k: SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in parts.items()}
+    return COMMANDS[stage].format(**ns)
+
+
+def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
+    """The DAG as DVC stages, from the same templates and paths as the Snakefile."""
+    th = config["threads"]
+    data = dataset_paths(config)
+    p = {"config": config_path}
+    stages: list[Stage] = []
+    if config["data"]["source"] == "synth":
+        d = path("synth", config)
+        stages.append(Stage("synth", _cmd("synth", params={**p, "out_dir": d},
+                                          log=path("log", config, stage="synth")),
+                            ["src/detprune/data/synth.py"], [d], PARAMS["synth"]))
+    for split in ("train", "val"):
+        ann, img, rep = data[f"{split}_ann"], data[f"{split}_images"], path("check", config, split=split)
+        stages.append(Stage(f"check_{split}", _cmd("check", input={"ann": ann, "images": img},
+                            output={"report": rep}, log=path("log", config, stage=f"check_{split}")),
+                            [ann, img], [rep], []))
+    train_in = {"train_ann": data["train_ann"], "train_images": data["train_images"]}
+    checks = [path("check", config, split=s) for s in ("train", "val")]
+    base = path("baseline", config)
+    stages.append(Stage("train", _cmd("train", params=p, input=train_in, output={"model": base},
+                                      threads=th, log=path("log", config, stage="train")),
+                        [*train_in.values(), *checks], [base], PARAMS["train"]))
+    val_in = {"val_ann": data["val_ann"], "val_images": data["val_images"]}
+    mb = path("metrics_baseline", config)
+    stages.append(Stage("evaluate_baseline", _cmd(
+        "evaluate", params={**p, "method": "baseline", "flops": 1.0},
+        input={"model": base, **val_in}, output={"metrics": mb}, threads=th,
+        log=path("log", config, stage="evaluate_baseline")), [base, *val_in.values()], [mb],
+        PARAMS["evaluate"]))
+    for method, pc in pruned_targets(config):
+        tag = f"{method}_flops{pc}"
+        flops = float(pc) / 100
+        pr, sm = path("pruned", config, method=method, pct=pc), path("prune_summary", config,
+                                                                      method=method, pct=pc)
+        ft, mt = path("finetuned", config, method=method, pct=pc), path("metrics", config,
+                                                                         method=method, pct=pc)
+        mp = {**p, "method": method, "flops": flops}
+        stages.append(Stage(f"prune_{tag}", _cmd(
+            "prune", params=mp, input={"model": base, **train_in},
+            output={"model": pr, "summary": sm}, threads=th,
+            log=path("log", config, stage=f"prune/{tag}")), [base, *train_in.values()], [pr, sm],
+            PARAMS["prune"]))
+        stages.append(Stage(f"finetune_{tag}", _cmd(
+            "finetune", params=mp, input={"model": pr, **train_in}, output={"model": ft},
+            threads=th, log=path("log", config, stage=f"finetune/{tag}")),
+            [pr, *train_in.values()], [ft], PARAMS["finetune"]))
+        stages.append(Stage(f"evaluate_{tag}", _cmd(
+            "evaluate", params=mp, input={"model": ft, **val_in}, output={"metrics": mt},
+            threads=th, log=path("log", config, stage=f"evaluate/{tag}")),
+            [ft, *val_in.values()], [mt], PARAMS["evaluate"]))
+    rep = report_outputs(config)
+    metrics, summaries = metrics_files(config), summary_files(config)
+    name = config["report"]["name"]
+    stages.append(Stage("report", _cmd(
+        "report", params={**p, "tables_dir": f"{config['results']}/tables",
+                          "figures_dir": f"{config['results']}/figures"},
+        input={"metrics": " ".join(metrics), "summaries": " ".join(summaries)},
+        log=path("log", config, stage="report")),
+        [*metrics, *summaries],
+        [rep["md"], rep["tex"], rep["map_vs_flops"], rep["channels"]], PARAMS["report"],
+        metrics=[rep["summary"]],
+        plots=[{rep["csv"]: {"x": "flops_kept (%)", "y": "mAP", "title": f"{name}: mAP vs FLOPs"}}]))
+    return stages
+
+
+def dvc_yaml(config: Mapping[str, Any], config_path: str) -> str:
+    """The text of dvc.yaml for ``config``."""
+    out: dict[str, Any] = {"stages": {}}
+    for st in dvc_stages(config, config_path):
+        entry: dict[str, Any] = {"cmd": st.cmd, "deps": list(st.deps)}
+        if st.params:
+            entry["params"] = [{config_path: list(st.params)}]
+        entry["outs"] = [{o: {"cache": False}} for o in st.outs]
+        if st.metrics:
+            entry["metrics"] = [{m: {"cache": False}} for m in st.metrics]
+        if st.plots:
+            entry["plots"] = [{k: {"cache": False, **v}} for pl in st.plots for k, v in pl.items()]
+        if not entry["deps"]:
+            del entry["deps"]
+        out["stages"][st.name] = entry
+    header = (f"# GENERATED by `detprune dvc --config {config_path}` from the same config and\n"
+              "# command templates as the Snakefile. Do not edit: regenerate.\n")
+    return header + yaml.safe_dump(out, sort_keys=False, width=1000)

@@ -1,0 +1,54 @@
+# Shared helpers: paths and command templates come from detprune.workflow, the same
+# source dvc.yaml is generated from.
+from detprune import workflow as W
+
+CONFIG_PATH = workflow.configfiles[-1] if workflow.configfiles else "config/config.yaml"
+THREADS = config["threads"]
+DATA = W.dataset_paths(config)
+
+
+wildcard_constraints:
+    method=r"[a-z][a-z0-9_-]*",
+    pct=r"[0-9]+(\.[0-9]+)?",
+    split=r"train|val",
+
+
+def P(key, **fields):
+    """A path pattern of kind `key` (wildcards left as {name})."""
+    fields = {k: v for k, v in fields.items()}
+    for name in ("method", "pct", "split"):
+        fields.setdefault(name, "{" + name + "}")
+    return W.PATHS[key].format(results=config["results"], **fields)
+
+
+def log_path(stage):
+    return W.path("log", config, stage=stage)
+
+
+def bench_path(stage):
+    return W.path("benchmark", config, stage=stage)
+
+
+def get_params(stage):
+    """Config sections the stage reads: a change re-runs it (rerun trigger `params`)."""
+    return W.section_digest(config, stage)
+
+
+def get_train_data(wildcards):
+    return {"train_ann": DATA["train_ann"], "train_images": DATA["train_images"]}
+
+
+def get_val_data(wildcards):
+    return {"val_ann": DATA["val_ann"], "val_images": DATA["val_images"]}
+
+
+def get_split_data(wildcards):
+    return {"ann": DATA[f"{wildcards.split}_ann"], "images": DATA[f"{wildcards.split}_images"]}
+
+
+def get_flops(wildcards):
+    return float(wildcards.pct) / 100
+
+
+def get_final_outputs():
+    return list(W.report_outputs(config).values())

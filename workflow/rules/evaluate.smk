@@ -1,0 +1,46 @@
+rule evaluate_baseline:
+    input:
+        unpack(get_val_data),
+        model=P("baseline"),
+    output:
+        metrics=P("metrics_baseline"),
+    params:
+        config=CONFIG_PATH,
+        method="baseline",
+        flops=1.0,
+        digest=get_params("evaluate"),
+    log:
+        log_path("evaluate_baseline"),
+    benchmark:
+        bench_path("evaluate_baseline")
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    shell:
+        W.COMMANDS["evaluate"]
+
+
+rule evaluate_pruned:
+    input:
+        unpack(get_val_data),
+        model=P("finetuned"),
+    output:
+        metrics=P("metrics"),
+    params:
+        config=CONFIG_PATH,
+        method="{method}",
+        flops=get_flops,
+        digest=get_params("evaluate"),
+    log:
+        log_path("evaluate/{method}_flops{pct}"),
+    benchmark:
+        bench_path("evaluate/{method}_flops{pct}")
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    shell:
+        W.COMMANDS["evaluate"]

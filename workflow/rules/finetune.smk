@@ -1,0 +1,21 @@
+rule finetune:
+    input:
+        unpack(get_train_data),
+        model=P("pruned"),
+    output:
+        model=P("finetuned"),
+    params:
+        config=CONFIG_PATH,
+        method="{method}",
+        digest=get_params("finetune"),
+    log:
+        log_path("finetune/{method}_flops{pct}"),
+    benchmark:
+        bench_path("finetune/{method}_flops{pct}")
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=24 * 60,
+        gpu=1,
+    shell:
+        W.COMMANDS["finetune"]

@@ -1,0 +1,23 @@
+rule prune:
+    input:
+        unpack(get_train_data),
+        model=P("baseline"),
+    output:
+        model=P("pruned"),
+        summary=P("prune_summary"),
+    params:
+        config=CONFIG_PATH,
+        method="{method}",
+        flops=get_flops,
+        digest=get_params("prune"),
+    log:
+        log_path("prune/{method}_flops{pct}"),
+    benchmark:
+        bench_path("prune/{method}_flops{pct}")
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=6 * 60,
+        gpu=1,
+    shell:
+        W.COMMANDS["prune"]

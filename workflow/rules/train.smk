@@ -1,0 +1,20 @@
+rule train_baseline:
+    input:
+        unpack(get_train_data),
+        checks=expand(P("check"), split=["train", "val"]),
+    output:
+        model=P("baseline"),
+    params:
+        config=CONFIG_PATH,
+        digest=get_params("train"),
+    log:
+        log_path("train"),
+    benchmark:
+        bench_path("train")
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=24 * 60,
+        gpu=1,
+    shell:
+        W.COMMANDS["train"]
