@@ -18,8 +18,12 @@ def _setup_logging(logfile: str | None) -> None:
     if logfile:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logfile, mode="w"))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
 
 
 def _config(path: str) -> dict:
@@ -44,8 +48,10 @@ def cmd_data_check(a: argparse.Namespace) -> None:
     summary = check_coco(a.ann, a.images)
     log.info("%s: OK %s", a.ann, summary)
     if a.out:
-        write_json(a.out, {"ann": a.ann, "images": a.images, "summary": summary,
-                           "provenance": provenance()})
+        write_json(
+            a.out,
+            {"ann": a.ann, "images": a.images, "summary": summary, "provenance": provenance()},
+        )
 
 
 def cmd_data_voc2coco(a: argparse.Namespace) -> None:
@@ -62,34 +68,55 @@ def cmd_train(a: argparse.Namespace) -> None:
     stages.train(_config(a.config), a.train_ann, a.train_images, a.out)
 
 
+def cmd_sparse(a: argparse.Namespace) -> None:
+    from detprune import stages
+
+    stages.set_threads(a.threads)
+    stages.sparse(
+        _config(a.config), a.regularizer, a.checkpoint, a.train_ann, a.train_images, a.out
+    )
+
+
 def cmd_prune(a: argparse.Namespace) -> None:
     from detprune import stages
 
     stages.set_threads(a.threads)
-    stages.prune(_config(a.config), a.method, a.flops, a.checkpoint, a.train_ann,
-                 a.train_images, a.out, a.summary)
+    stages.prune(
+        _config(a.config),
+        a.method,
+        a.flops,
+        a.checkpoint,
+        a.train_ann,
+        a.train_images,
+        a.out,
+        a.summary,
+    )
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
     from detprune import stages
 
     stages.set_threads(a.threads)
-    stages.finetune(_config(a.config), a.method, a.checkpoint, a.train_ann, a.train_images, a.out)
+    stages.finetune(
+        _config(a.config), a.method, a.checkpoint, a.teacher, a.train_ann, a.train_images, a.out
+    )
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from detprune import stages
 
     stages.set_threads(a.threads)
-    stages.evaluate_checkpoint(_config(a.config), a.checkpoint, a.val_ann, a.val_images, a.out,
-                               a.method, a.flops)
+    stages.evaluate_checkpoint(
+        _config(a.config), a.checkpoint, a.val_ann, a.val_images, a.out, a.method, a.flops
+    )
 
 
 def cmd_report(a: argparse.Namespace) -> None:
     from detprune import stages
 
-    for p in stages.report(_config(a.config), a.metrics, a.prune_summaries, a.tables_dir,
-                           a.figures_dir):
+    for p in stages.report(
+        _config(a.config), a.metrics, a.prune_summaries, a.tables_dir, a.figures_dir
+    ):
         log.info("wrote %s", p)
 
 
@@ -130,7 +157,9 @@ def _common(p: argparse.ArgumentParser, *, config: bool = True, threads: bool = 
 
 
 def _data_paths(p: argparse.ArgumentParser, split: str) -> None:
-    p.add_argument(f"--{split}-ann", required=True, help=f"COCO instances JSON of the {split} split")
+    p.add_argument(
+        f"--{split}-ann", required=True, help=f"COCO instances JSON of the {split} split"
+    )
     p.add_argument(f"--{split}-images", required=True, help=f"image folder of the {split} split")
 
 
@@ -165,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="final checkpoint (.pt); <out>.resume.pt resumes")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sparse", help="sparse training before pruning (slim, depgraph, ...)")
+    _common(p, threads=True)
+    p.add_argument("--regularizer", required=True, help="sparse.regularizers key, e.g. bn_l1")
+    p.add_argument("--checkpoint", required=True, help="baseline checkpoint")
+    _data_paths(p, "train")
+    p.add_argument("--out", required=True, help="sparse-trained checkpoint")
+    p.set_defaults(func=cmd_sparse)
+
     p = sub.add_parser("prune", help="prune a checkpoint to a share of its FLOPs")
     _common(p, threads=True)
     p.add_argument("--method", required=True, help="a name from `detprune list methods`")
@@ -179,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, threads=True)
     p.add_argument("--method", required=True, help="selects finetune.methods overrides")
     p.add_argument("--checkpoint", required=True, help="pruned checkpoint")
+    p.add_argument("--teacher", required=True, help="unpruned checkpoint (for distillation)")
     _data_paths(p, "train")
     p.add_argument("--out", required=True, help="fine-tuned checkpoint")
     p.set_defaults(func=cmd_finetune)

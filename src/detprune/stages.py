@@ -14,11 +14,13 @@ from detprune.config import finetune_schedule
 from detprune.data.coco import CocoDetection
 from detprune.data.transforms import get_transform
 from detprune.evaluation.cost import count_macs, count_params, measure_latency
-from detprune.models import MODELS, build_model, ignored_modules
-from detprune.pruning.core import macs_counter, prune_to_flops
+from detprune.models import MODELS, build_model
+from detprune.pruning.core import PruneContext, macs_counter
 from detprune.pruning.methods import get_method
 from detprune.train import checkpoint
-from detprune.train.engine import evaluate, fit, resolve_device
+from detprune.train.distill import DISTILLERS
+from detprune.train.engine import evaluate, fit, make_loader, resolve_device
+from detprune.train.sparsity import REGULARIZERS, SparsityContext
 from detprune.utils.io import write_json
 from detprune.utils.provenance import provenance
 from detprune.utils.seed import seed_everything
@@ -61,72 +63,229 @@ def train(config: dict[str, Any], train_ann: str, train_images: str, out: str) -
         overrides["pretrained_backbone"] = config["model"]["pretrained_backbone"]
     spec = checkpoint.model_spec(config["model"]["name"], train_set.num_classes, overrides)
     model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
-    meta = provenance({k: config[k] for k in ("seed", "model", "train")}, stage="train",
-                      method="baseline", flops_target=1.0, seed=config["seed"],
-                      class_names=train_set.class_names)
-    meta["fingerprint"] = _fingerprint(sched=sched, spec=spec, seed=config["seed"],
-                                       data=_sha256(train_ann))
-    return fit(model, spec=spec, history=[], sched=sched, train_set=train_set,
-               seed=config["seed"], out=Path(out), meta=meta)
+    meta = provenance(
+        {k: config[k] for k in ("seed", "model", "train")},
+        stage="train",
+        method="baseline",
+        flops_target=1.0,
+        seed=config["seed"],
+        class_names=train_set.class_names,
+    )
+    meta["fingerprint"] = _fingerprint(
+        sched=sched, spec=spec, seed=config["seed"], data=_sha256(train_ann)
+    )
+    return fit(
+        model,
+        spec=spec,
+        history=[],
+        sched=sched,
+        train_set=train_set,
+        seed=config["seed"],
+        out=Path(out),
+        meta=meta,
+    )
 
 
-def prune(config: dict[str, Any], method: str, flops: float, ckpt_path: str, train_ann: str,
-          train_images: str, out: str, summary: str) -> dict[str, Any]:
-    """Prune the baseline with ``method`` to ``flops`` of its MACs; write model and summary."""
+def _batches(dataset: CocoDetection, batch_size: int, seed: int, device: torch.device):
+    """A function returning an endless, seeded iterator of training batches on ``device``."""
+
+    def gen():
+        epoch = 0
+        while True:
+            for images, targets in make_loader(
+                dataset, batch_size, shuffle=True, seed=seed, epoch=epoch
+            ):
+                yield (
+                    [im.to(device) for im in images],
+                    [
+                        {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                        for t in targets
+                    ],
+                )
+            epoch += 1
+
+    return gen
+
+
+def sparse(
+    config: dict[str, Any],
+    regularizer: str,
+    ckpt_path: str,
+    train_ann: str,
+    train_images: str,
+    out: str,
+) -> dict[str, Any]:
+    """Sparse training of the baseline with ``regularizer`` (its own cached stage)."""
     seed_everything(config["seed"])
-    pcfg = config["prune"]
+    if regularizer not in REGULARIZERS:
+        raise KeyError(
+            f"sparse: unknown regularizer {regularizer!r}; known: {sorted(REGULARIZERS)}"
+        )
+    sched = config["sparse"]["schedule"]
+    model, ckpt = checkpoint.load_model(ckpt_path)
+    spec = ckpt["model"]
+    options = dict(config["sparse"]["regularizers"].get(regularizer, {}))
+    hook = REGULARIZERS[regularizer](
+        model,
+        SparsityContext(
+            options, list(MODELS[spec["name"]].ignored_layers), checkpoint.example_inputs(spec)
+        ),
+    )
+    train_set = _train_set(train_ann, train_images, sched["augment"])
+    meta = dict(ckpt["meta"])
+    meta.update(
+        provenance(
+            {"seed": config["seed"], "sparse": sched, regularizer: options},
+            stage="sparse",
+            regularizer=regularizer,
+            source=ckpt_path,
+        )
+    )
+    meta["fingerprint"] = _fingerprint(
+        sched=sched, reg=regularizer, options=options, seed=config["seed"], init=_sha256(ckpt_path)
+    )
+    return fit(
+        model,
+        spec=spec,
+        history=ckpt["pruning_history"],
+        sched=sched,
+        train_set=train_set,
+        seed=config["seed"],
+        out=Path(out),
+        meta=meta,
+        grad_hook=hook,
+    )
+
+
+def prune(
+    config: dict[str, Any],
+    method: str,
+    flops: float,
+    ckpt_path: str,
+    train_ann: str,
+    train_images: str,
+    out: str,
+    summary: str,
+) -> dict[str, Any]:
+    """Prune a checkpoint with ``method`` to ``flops`` of its MACs; write model and summary."""
+    seed_everything(config["seed"])
     meth = get_method(method)
     model, ckpt = checkpoint.load_model(ckpt_path)
     spec = ckpt["model"]
-    if meth.needs_gradients:
-        raise NotImplementedError(f"method {method!r} needs calibration gradients")
-    importance = meth.importance(**dict(meth.options))
-    result = prune_to_flops(
-        model,
-        importance=importance,
-        target=flops,
+    entry = MODELS[spec["name"]]
+    device = resolve_device(config["train"].get("device", "auto"))
+    options = {k: v for k, v in config["prune"].items() if k != "options"}
+    options.update(config["prune"].get("options", {}).get(method, {}))
+    dataset = _train_set(train_ann, train_images, "none")
+    ctx = PruneContext(
+        model=model,
+        spec=spec,
+        entry=entry,
+        options=options,
+        seed=config["seed"],
+        device=device,
+        batches=_batches(dataset, config["train"]["batch_size"], config["seed"], device),
         example=checkpoint.example_inputs(spec),
-        ignored=list(MODELS[spec["name"]].ignored_layers),
-        macs_fn=macs_counter(_image_size(spec), MODELS[spec["name"]].per_roi_modules, _rois(spec)),
-        global_pruning=pcfg.get("global_pruning", True) and meth.global_pruning,
-        max_layer_ratio=pcfg.get("max_layer_ratio", 0.9),
-        round_to=pcfg.get("round_to"),
-        tolerance=pcfg.get("tolerance", 0.02),
+        macs_fn=macs_counter(_image_size(spec), entry.per_roi_modules, _rois(spec)),
+        ignored=list(entry.ignored_layers),
+        schedule=dict(config["train"]),
     )
+    result = meth.procedure(ctx, meth, flops)
+    result.model.cpu()
     history = list(ckpt["pruning_history"]) + list(result.history)
-    meta = provenance({k: config[k] for k in ("seed", "model", "prune")}, stage="prune",
-                      method=method, flops_target=flops, seed=config["seed"],
-                      source=ckpt_path, pruning=result.report)
+    meta = provenance(
+        {k: config[k] for k in ("seed", "model", "prune")},
+        stage="prune",
+        method=method,
+        flops_target=flops,
+        seed=config["seed"],
+        source=ckpt_path,
+        pruning=result.report,
+    )
     meta["class_names"] = ckpt["meta"].get("class_names")
     checkpoint.save(out, spec=spec, model=result.model, history=history, meta=meta)
-    record = {"detector": spec["name"], "method": method, "seed": config["seed"],
-              **{k: v for k, v in result.report.items() if k != "trials"},
-              "trials": result.report["trials"], "provenance": provenance()}
+    record = {
+        "detector": spec["name"],
+        "method": method,
+        "seed": config["seed"],
+        **result.report,
+        "provenance": provenance(),
+    }
     write_json(summary, record)
-    log.info("%s at %.2f: kept %.4f of MACs, params %d -> %d", method, flops,
-             result.report["flops_kept"], result.report["params_before"],
-             result.report["params_after"])
+    log.info(
+        "%s at %.2f: kept %.4f of MACs, params %d -> %d",
+        method,
+        flops,
+        result.report["flops_kept"],
+        result.report["params_before"],
+        result.report["params_after"],
+    )
     return record
 
 
-def finetune(config: dict[str, Any], method: str, ckpt_path: str, train_ann: str,
-             train_images: str, out: str) -> dict[str, Any]:
-    """Fine-tune a pruned model with the method's schedule (the shared default)."""
+def finetune(
+    config: dict[str, Any],
+    method: str,
+    ckpt_path: str,
+    teacher_path: str,
+    train_ann: str,
+    train_images: str,
+    out: str,
+) -> dict[str, Any]:
+    """Fine-tune a pruned model with the method's schedule, optionally distilling from the
+    unpruned ``teacher_path``."""
     seed_everything(config["seed"])
     sched = finetune_schedule(config, method)
+    distill = sched.get("distill", get_method(method).distill)
     model, ckpt = checkpoint.load_model(ckpt_path)
     train_set = _train_set(train_ann, train_images, sched["augment"])
+    hook = None
+    if distill:
+        if distill not in DISTILLERS:
+            raise KeyError(
+                f"finetune.distill: unknown distillation {distill!r}; known: {sorted(DISTILLERS)}"
+            )
+        teacher, _ = checkpoint.load_model(teacher_path)
+        hook = DISTILLERS[distill](model, teacher, ckpt["model"], sched.get("distill_options", {}))
     meta = dict(ckpt["meta"])
-    meta.update(provenance({"seed": config["seed"], "finetune": sched}, stage="finetune",
-                           method=method, source=ckpt_path))
-    meta["fingerprint"] = _fingerprint(sched=sched, seed=config["seed"], init=_sha256(ckpt_path),
-                                       data=_sha256(train_ann))
-    return fit(model, spec=ckpt["model"], history=ckpt["pruning_history"], sched=sched,
-               train_set=train_set, seed=config["seed"], out=Path(out), meta=meta)
+    meta.update(
+        provenance(
+            {"seed": config["seed"], "finetune": sched},
+            stage="finetune",
+            method=method,
+            source=ckpt_path,
+            distill=distill,
+        )
+    )
+    meta["fingerprint"] = _fingerprint(
+        sched=sched,
+        seed=config["seed"],
+        init=_sha256(ckpt_path),
+        teacher=_sha256(teacher_path) if distill else None,
+        data=_sha256(train_ann),
+    )
+    return fit(
+        model,
+        spec=ckpt["model"],
+        history=ckpt["pruning_history"],
+        sched=sched,
+        train_set=train_set,
+        seed=config["seed"],
+        out=Path(out),
+        meta=meta,
+        loss_hook=hook,
+    )
 
 
-def evaluate_checkpoint(config: dict[str, Any], ckpt_path: str, val_ann: str, val_images: str,
-                        out: str, method: str, flops: float) -> dict[str, Any]:
+def evaluate_checkpoint(
+    config: dict[str, Any],
+    ckpt_path: str,
+    val_ann: str,
+    val_images: str,
+    out: str,
+    method: str,
+    flops: float,
+) -> dict[str, Any]:
     """COCO metrics, parameters, MACs and latency of a checkpoint, as one JSON record."""
     seed_everything(config["seed"])
     ecfg = config["evaluate"]
@@ -137,8 +296,12 @@ def evaluate_checkpoint(config: dict[str, Any], ckpt_path: str, val_ann: str, va
     model.to(device)
     metrics, summary = evaluate(model, dataset, device, ecfg["batch_size"])
     model.cpu()
-    macs = count_macs(model, _image_size(spec), per_roi_modules=MODELS[spec["name"]].per_roi_modules,
-                      rois_per_image=_rois(spec))
+    macs = count_macs(
+        model,
+        _image_size(spec),
+        per_roi_modules=MODELS[spec["name"]].per_roi_modules,
+        rois_per_image=_rois(spec),
+    )
     image, _ = dataset[0]
     latency = measure_latency(model.to(device), image, ecfg["latency_runs"])
     record = {
@@ -147,22 +310,38 @@ def evaluate_checkpoint(config: dict[str, Any], ckpt_path: str, val_ann: str, va
         "flops_target": flops,
         "seed": int(ckpt["meta"].get("seed", config["seed"])),
         "metrics": metrics,
-        "cost": {"params": count_params(model), "macs": macs["macs"],
-                 "input_size": macs["input_size"], "rois_per_image": macs["rois_per_image"],
-                 **latency},
+        "cost": {
+            "params": count_params(model),
+            "macs": macs["macs"],
+            "input_size": macs["input_size"],
+            "rois_per_image": macs["rois_per_image"],
+            **latency,
+        },
         "coco_summary": summary,
-        "checkpoint": {"path": ckpt_path, "sha256": _sha256(ckpt_path),
-                       "pruning": ckpt["meta"].get("pruning", {}).get("flops_kept")},
-        "provenance": provenance({"evaluate": ecfg}, checkpoint_meta={
-            k: v for k, v in ckpt["meta"].items() if k not in ("train_log", "pruning")}),
+        "checkpoint": {
+            "path": ckpt_path,
+            "sha256": _sha256(ckpt_path),
+            "pruning": ckpt["meta"].get("pruning", {}).get("flops_kept"),
+        },
+        "provenance": provenance(
+            {"evaluate": ecfg},
+            checkpoint_meta={
+                k: v for k, v in ckpt["meta"].items() if k not in ("train_log", "pruning")
+            },
+        ),
     }
     write_json(out, record)
     log.info("%s %s: AP %.4f AP50 %.4f", method, flops, metrics["AP"] or 0, metrics["AP50"] or 0)
     return record
 
 
-def report(config: dict[str, Any], metrics: list[str], summaries: list[str], tables_dir: str,
-           figures_dir: str) -> list[Path]:
+def report(
+    config: dict[str, Any],
+    metrics: list[str],
+    summaries: list[str],
+    tables_dir: str,
+    figures_dir: str,
+) -> list[Path]:
     """Paper-style tables, a compact metrics summary, and the figures."""
     from detprune.report.figures import plot_channels_per_layer, plot_map_vs_flops
     from detprune.report.tables import build_table, load_records, write_table
@@ -171,20 +350,32 @@ def report(config: dict[str, Any], metrics: list[str], summaries: list[str], tab
     records = load_records([Path(p) for p in metrics])
     df = build_table(records)
     paths = write_table(df, Path(tables_dir) / name)
-    summary = {f"{r['method']}@{r['flops_target']:g}": {k: r["metrics"][k] for k in
-               ("AP", "AP50", "AP75", "APs", "APm", "APl")} | {"macs": r["cost"]["macs"],
-               "params": r["cost"]["params"]} for r in records}
+    summary = {
+        f"{r['method']}@{r['flops_target']:g}": {
+            k: r["metrics"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        }
+        | {"macs": r["cost"]["macs"], "params": r["cost"]["params"]}
+        for r in records
+    }
     write_json(Path(tables_dir) / f"{name}_summary.json", summary)
-    paths.append(plot_map_vs_flops(df, Path(figures_dir) / f"{name}_map_vs_flops.png",
-                                   title=f"{name}: mAP vs FLOPs kept"))
+    paths.append(
+        plot_map_vs_flops(
+            df, Path(figures_dir) / f"{name}_map_vs_flops.png", title=f"{name}: mAP vs FLOPs kept"
+        )
+    )
     layer_records = []
     for p in summaries:
         rec = json.loads(Path(p).read_text())
-        layer_records.append({"method": rec["method"], "flops_target": rec["flops_target"],
-                              "layers": rec["layers"]})
-    paths.append(plot_channels_per_layer(layer_records,
-                                         Path(figures_dir) / f"{name}_channels_per_layer.png",
-                                         title=f"{name}: channels kept per layer"))
+        layer_records.append(
+            {"method": rec["method"], "flops_target": rec["flops_target"], "layers": rec["layers"]}
+        )
+    paths.append(
+        plot_channels_per_layer(
+            layer_records,
+            Path(figures_dir) / f"{name}_channels_per_layer.png",
+            title=f"{name}: channels kept per layer",
+        )
+    )
     return paths
 
 

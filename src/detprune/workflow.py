@@ -19,6 +19,7 @@ PATHS = {
     "synth": "{results}/data/synth",
     "check": "{results}/data/check_{split}.json",
     "baseline": "{results}/models/baseline.pt",
+    "sparse": "{results}/models/sparse/{regularizer}.pt",
     "pruned": "{results}/models/pruned/{method}/flops{pct}.pt",
     "prune_summary": "{results}/models/pruned/{method}/flops{pct}.json",
     "finetuned": "{results}/models/finetuned/{method}/flops{pct}.pt",
@@ -36,6 +37,7 @@ PARAMS = {
     "synth": ["data"],
     "check": ["data"],
     "train": ["seed", "model", "train"],
+    "sparse": ["seed", "sparse"],
     "prune": ["seed", "model", "prune"],
     "finetune": ["seed", "finetune"],
     "evaluate": ["evaluate"],
@@ -44,26 +46,44 @@ PARAMS = {
 
 COMMANDS = {
     "synth": "detprune data synth --config {params.config} --out-dir {params.out_dir} --log {log}",
-    "check": ("detprune data check --ann {input.ann} --images {input.images} "
-              "--out {output.report} --log {log}"),
-    "train": ("detprune train --config {params.config} --train-ann {input.train_ann} "
-              "--train-images {input.train_images} --out {output.model} "
-              "--threads {threads} --log {log}"),
-    "prune": ("detprune prune --config {params.config} --method {params.method} "
-              "--flops {params.flops} --checkpoint {input.model} "
-              "--train-ann {input.train_ann} --train-images {input.train_images} "
-              "--out {output.model} --summary {output.summary} --threads {threads} --log {log}"),
-    "finetune": ("detprune finetune --config {params.config} --method {params.method} "
-                 "--checkpoint {input.model} --train-ann {input.train_ann} "
-                 "--train-images {input.train_images} --out {output.model} "
-                 "--threads {threads} --log {log}"),
-    "evaluate": ("detprune evaluate --config {params.config} --method {params.method} "
-                 "--flops {params.flops} --checkpoint {input.model} --val-ann {input.val_ann} "
-                 "--val-images {input.val_images} --out {output.metrics} "
-                 "--threads {threads} --log {log}"),
-    "report": ("detprune report --config {params.config} --metrics {input.metrics} "
-               "--prune-summaries {input.summaries} --tables-dir {params.tables_dir} "
-               "--figures-dir {params.figures_dir} --log {log}"),
+    "check": (
+        "detprune data check --ann {input.ann} --images {input.images} "
+        "--out {output.report} --log {log}"
+    ),
+    "train": (
+        "detprune train --config {params.config} --train-ann {input.train_ann} "
+        "--train-images {input.train_images} --out {output.model} "
+        "--threads {threads} --log {log}"
+    ),
+    "sparse": (
+        "detprune sparse --config {params.config} --regularizer {params.regularizer} "
+        "--checkpoint {input.model} --train-ann {input.train_ann} "
+        "--train-images {input.train_images} --out {output.model} "
+        "--threads {threads} --log {log}"
+    ),
+    "prune": (
+        "detprune prune --config {params.config} --method {params.method} "
+        "--flops {params.flops} --checkpoint {input.model} "
+        "--train-ann {input.train_ann} --train-images {input.train_images} "
+        "--out {output.model} --summary {output.summary} --threads {threads} --log {log}"
+    ),
+    "finetune": (
+        "detprune finetune --config {params.config} --method {params.method} "
+        "--checkpoint {input.model} --teacher {input.teacher} --train-ann {input.train_ann} "
+        "--train-images {input.train_images} --out {output.model} "
+        "--threads {threads} --log {log}"
+    ),
+    "evaluate": (
+        "detprune evaluate --config {params.config} --method {params.method} "
+        "--flops {params.flops} --checkpoint {input.model} --val-ann {input.val_ann} "
+        "--val-images {input.val_images} --out {output.metrics} "
+        "--threads {threads} --log {log}"
+    ),
+    "report": (
+        "detprune report --config {params.config} --metrics {input.metrics} "
+        "--prune-summaries {input.summaries} --tables-dir {params.tables_dir} "
+        "--figures-dir {params.figures_dir} --log {log}"
+    ),
 }
 
 
@@ -82,14 +102,43 @@ def dataset_paths(config: Mapping[str, Any]) -> dict[str, str]:
     """Annotation files and image folders of the train and val splits."""
     if config["data"]["source"] == "synth":
         root = path("synth", config)
-        return {"train_ann": f"{root}/instances_train.json", "train_images": f"{root}/train",
-                "val_ann": f"{root}/instances_val.json", "val_images": f"{root}/val"}
+        return {
+            "train_ann": f"{root}/instances_train.json",
+            "train_images": f"{root}/train",
+            "val_ann": f"{root}/instances_val.json",
+            "val_images": f"{root}/val",
+        }
     return dict(config["data"]["coco"])
 
 
 def pruned_targets(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(method, pct) pairs in config order."""
-    return [(m, pct(t)) for m in config["prune"]["methods"] for t in config["prune"]["flops_targets"]]
+    return [
+        (m, pct(t)) for m in config["prune"]["methods"] for t in config["prune"]["flops_targets"]
+    ]
+
+
+def sparsity_of(method: str) -> str | None:
+    """The sparse-training regularizer ``method`` prunes after, if any."""
+    from detprune.pruning.methods import get_method
+
+    return get_method(method).sparsity
+
+
+def regularizers(config: Mapping[str, Any]) -> list[str]:
+    """The sparse-training stages the configured methods need, in config order."""
+    out: list[str] = []
+    for m in config["prune"]["methods"]:
+        reg = sparsity_of(m)
+        if reg and reg not in out:
+            out.append(reg)
+    return out
+
+
+def prune_source(config: Mapping[str, Any], method: str) -> str:
+    """The checkpoint ``method`` prunes: the sparse-trained one, or the baseline."""
+    reg = sparsity_of(method)
+    return path("sparse", config, regularizer=reg) if reg else path("baseline", config)
 
 
 def metrics_files(config: Mapping[str, Any]) -> list[str]:
@@ -145,60 +194,176 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
     stages: list[Stage] = []
     if config["data"]["source"] == "synth":
         d = path("synth", config)
-        stages.append(Stage("synth", _cmd("synth", params={**p, "out_dir": d},
-                                          log=path("log", config, stage="synth")),
-                            ["src/detprune/data/synth.py"], [d], PARAMS["synth"]))
+        stages.append(
+            Stage(
+                "synth",
+                _cmd("synth", params={**p, "out_dir": d}, log=path("log", config, stage="synth")),
+                ["src/detprune/data/synth.py"],
+                [d],
+                PARAMS["synth"],
+            )
+        )
     for split in ("train", "val"):
-        ann, img, rep = data[f"{split}_ann"], data[f"{split}_images"], path("check", config, split=split)
-        stages.append(Stage(f"check_{split}", _cmd("check", input={"ann": ann, "images": img},
-                            output={"report": rep}, log=path("log", config, stage=f"check_{split}")),
-                            [ann, img], [rep], []))
+        ann, img, rep = (
+            data[f"{split}_ann"],
+            data[f"{split}_images"],
+            path("check", config, split=split),
+        )
+        stages.append(
+            Stage(
+                f"check_{split}",
+                _cmd(
+                    "check",
+                    input={"ann": ann, "images": img},
+                    output={"report": rep},
+                    log=path("log", config, stage=f"check_{split}"),
+                ),
+                [ann, img],
+                [rep],
+                [],
+            )
+        )
     train_in = {"train_ann": data["train_ann"], "train_images": data["train_images"]}
     checks = [path("check", config, split=s) for s in ("train", "val")]
     base = path("baseline", config)
-    stages.append(Stage("train", _cmd("train", params=p, input=train_in, output={"model": base},
-                                      threads=th, log=path("log", config, stage="train")),
-                        [*train_in.values(), *checks], [base], PARAMS["train"]))
+    stages.append(
+        Stage(
+            "train",
+            _cmd(
+                "train",
+                params=p,
+                input=train_in,
+                output={"model": base},
+                threads=th,
+                log=path("log", config, stage="train"),
+            ),
+            [*train_in.values(), *checks],
+            [base],
+            PARAMS["train"],
+        )
+    )
     val_in = {"val_ann": data["val_ann"], "val_images": data["val_images"]}
     mb = path("metrics_baseline", config)
-    stages.append(Stage("evaluate_baseline", _cmd(
-        "evaluate", params={**p, "method": "baseline", "flops": 1.0},
-        input={"model": base, **val_in}, output={"metrics": mb}, threads=th,
-        log=path("log", config, stage="evaluate_baseline")), [base, *val_in.values()], [mb],
-        PARAMS["evaluate"]))
+    stages.append(
+        Stage(
+            "evaluate_baseline",
+            _cmd(
+                "evaluate",
+                params={**p, "method": "baseline", "flops": 1.0},
+                input={"model": base, **val_in},
+                output={"metrics": mb},
+                threads=th,
+                log=path("log", config, stage="evaluate_baseline"),
+            ),
+            [base, *val_in.values()],
+            [mb],
+            PARAMS["evaluate"],
+        )
+    )
+    for reg in regularizers(config):
+        sp = path("sparse", config, regularizer=reg)
+        stages.append(
+            Stage(
+                f"sparse_{reg}",
+                _cmd(
+                    "sparse",
+                    params={**p, "regularizer": reg},
+                    input={"model": base, **train_in},
+                    output={"model": sp},
+                    threads=th,
+                    log=path("log", config, stage=f"sparse/{reg}"),
+                ),
+                [base, *train_in.values()],
+                [sp],
+                PARAMS["sparse"],
+            )
+        )
     for method, pc in pruned_targets(config):
+        source = prune_source(config, method)
         tag = f"{method}_flops{pc}"
         flops = float(pc) / 100
-        pr, sm = path("pruned", config, method=method, pct=pc), path("prune_summary", config,
-                                                                      method=method, pct=pc)
-        ft, mt = path("finetuned", config, method=method, pct=pc), path("metrics", config,
-                                                                         method=method, pct=pc)
+        pr, sm = (
+            path("pruned", config, method=method, pct=pc),
+            path("prune_summary", config, method=method, pct=pc),
+        )
+        ft, mt = (
+            path("finetuned", config, method=method, pct=pc),
+            path("metrics", config, method=method, pct=pc),
+        )
         mp = {**p, "method": method, "flops": flops}
-        stages.append(Stage(f"prune_{tag}", _cmd(
-            "prune", params=mp, input={"model": base, **train_in},
-            output={"model": pr, "summary": sm}, threads=th,
-            log=path("log", config, stage=f"prune/{tag}")), [base, *train_in.values()], [pr, sm],
-            PARAMS["prune"]))
-        stages.append(Stage(f"finetune_{tag}", _cmd(
-            "finetune", params=mp, input={"model": pr, **train_in}, output={"model": ft},
-            threads=th, log=path("log", config, stage=f"finetune/{tag}")),
-            [pr, *train_in.values()], [ft], PARAMS["finetune"]))
-        stages.append(Stage(f"evaluate_{tag}", _cmd(
-            "evaluate", params=mp, input={"model": ft, **val_in}, output={"metrics": mt},
-            threads=th, log=path("log", config, stage=f"evaluate/{tag}")),
-            [ft, *val_in.values()], [mt], PARAMS["evaluate"]))
+        stages.append(
+            Stage(
+                f"prune_{tag}",
+                _cmd(
+                    "prune",
+                    params=mp,
+                    input={"model": source, **train_in},
+                    output={"model": pr, "summary": sm},
+                    threads=th,
+                    log=path("log", config, stage=f"prune/{tag}"),
+                ),
+                [source, *train_in.values()],
+                [pr, sm],
+                PARAMS["prune"],
+            )
+        )
+        stages.append(
+            Stage(
+                f"finetune_{tag}",
+                _cmd(
+                    "finetune",
+                    params=mp,
+                    input={"model": pr, "teacher": base, **train_in},
+                    output={"model": ft},
+                    threads=th,
+                    log=path("log", config, stage=f"finetune/{tag}"),
+                ),
+                [pr, base, *train_in.values()],
+                [ft],
+                PARAMS["finetune"],
+            )
+        )
+        stages.append(
+            Stage(
+                f"evaluate_{tag}",
+                _cmd(
+                    "evaluate",
+                    params=mp,
+                    input={"model": ft, **val_in},
+                    output={"metrics": mt},
+                    threads=th,
+                    log=path("log", config, stage=f"evaluate/{tag}"),
+                ),
+                [ft, *val_in.values()],
+                [mt],
+                PARAMS["evaluate"],
+            )
+        )
     rep = report_outputs(config)
     metrics, summaries = metrics_files(config), summary_files(config)
     name = config["report"]["name"]
-    stages.append(Stage("report", _cmd(
-        "report", params={**p, "tables_dir": f"{config['results']}/tables",
-                          "figures_dir": f"{config['results']}/figures"},
-        input={"metrics": " ".join(metrics), "summaries": " ".join(summaries)},
-        log=path("log", config, stage="report")),
-        [*metrics, *summaries],
-        [rep["md"], rep["tex"], rep["map_vs_flops"], rep["channels"]], PARAMS["report"],
-        metrics=[rep["summary"]],
-        plots=[{rep["csv"]: {"x": "flops_kept (%)", "y": "mAP", "title": f"{name}: mAP vs FLOPs"}}]))
+    stages.append(
+        Stage(
+            "report",
+            _cmd(
+                "report",
+                params={
+                    **p,
+                    "tables_dir": f"{config['results']}/tables",
+                    "figures_dir": f"{config['results']}/figures",
+                },
+                input={"metrics": " ".join(metrics), "summaries": " ".join(summaries)},
+                log=path("log", config, stage="report"),
+            ),
+            [*metrics, *summaries],
+            [rep["md"], rep["tex"], rep["map_vs_flops"], rep["channels"]],
+            PARAMS["report"],
+            metrics=[rep["summary"]],
+            plots=[
+                {rep["csv"]: {"x": "flops_kept (%)", "y": "mAP", "title": f"{name}: mAP vs FLOPs"}}
+            ],
+        )
+    )
     return stages
 
 
@@ -217,6 +382,8 @@ def dvc_yaml(config: Mapping[str, Any], config_path: str) -> str:
         if not entry["deps"]:
             del entry["deps"]
         out["stages"][st.name] = entry
-    header = (f"# GENERATED by `detprune dvc --config {config_path}` from the same config and\n"
-              "# command templates as the Snakefile. Do not edit: regenerate.\n")
+    header = (
+        f"# GENERATED by `detprune dvc --config {config_path}` from the same config and\n"
+        "# command templates as the Snakefile. Do not edit: regenerate.\n"
+    )
     return header + yaml.safe_dump(out, sort_keys=False, width=1000)

@@ -52,3 +52,8 @@ def get_flops(wildcards):
 
 def get_final_outputs():
     return list(W.report_outputs(config).values())
+
+
+def get_prune_source(wildcards):
+    """The sparse-trained checkpoint when the method has a sparse stage, else the baseline."""
+    return W.prune_source(config, wildcards.method)

@@ -2,6 +2,7 @@ rule finetune:
     input:
         unpack(get_train_data),
         model=P("pruned"),
+        teacher=P("baseline"),
     output:
         model=P("finetuned"),
     params:

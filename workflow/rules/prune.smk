@@ -1,7 +1,7 @@
 rule prune:
     input:
         unpack(get_train_data),
-        model=P("baseline"),
+        model=get_prune_source,
     output:
         model=P("pruned"),
         summary=P("prune_summary"),

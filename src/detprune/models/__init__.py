@@ -14,7 +14,22 @@ from detprune.models.fasterrcnn import FASTERRCNN_IGNORED, build_fasterrcnn
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One detector configuration and its pruning interface."""
+    """One detector configuration and what it declares for the pruning methods.
+
+    Module paths are ``model.get_submodule`` names. Models know nothing of methods; they
+    only declare where things are:
+
+    - ``ignored_layers``: layers whose output channels no method may prune;
+    - ``per_roi_modules``: modules run once per RoI (their MACs scale with the RoI count);
+    - ``neck_outputs``: module(s) whose outputs are the neck features (MIEP's FOI);
+    - ``cls_logits``: module(s) producing per-position classification logits (FOI's
+      Phi_obj), called once per pyramid level;
+    - ``aux_features``: (module, stride) pairs whose outputs auxiliary networks attach to
+      (DCP/LCP), shallow to deep;
+    - ``groups``: GCP's groups by feature scale and module type, name -> module prefixes;
+    - ``distill_taps``: module -> group name, the layers whose outputs SAD compares;
+    - ``schedule``: the detector's default training schedule overrides.
+    """
 
     build: Callable[..., nn.Module]
     description: str
@@ -22,6 +37,12 @@ class ModelEntry:
     ignored_layers: tuple[str, ...] = ()
     per_roi_modules: tuple[str, ...] = ()
     image_size: int = 800
+    neck_outputs: tuple[str, ...] = ()
+    cls_logits: tuple[str, ...] = ()
+    aux_features: tuple[tuple[str, int], ...] = ()
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    distill_taps: Mapping[str, str] = field(default_factory=dict)
+    schedule: Mapping[str, Any] = field(default_factory=dict)
 
 
 # Settings of the CPU-sized configuration: at 128 px the cost of torchvision's R-CNN
@@ -41,6 +62,29 @@ _CPU_RCNN = {
 _RCNN_PRUNING = {
     "ignored_layers": FASTERRCNN_IGNORED,
     "per_roi_modules": ("roi_heads.box_head", "roi_heads.box_predictor"),
+    "neck_outputs": ("backbone.fpn",),
+    "cls_logits": ("rpn.head.cls_logits",),
+    "aux_features": (
+        ("backbone.body.layer1", 4),
+        ("backbone.body.layer2", 8),
+        ("backbone.body.layer3", 16),
+        ("backbone.body.layer4", 32),
+    ),
+    "groups": {
+        "stride4": ("backbone.body.conv1", "backbone.body.bn1", "backbone.body.layer1"),
+        "stride8": ("backbone.body.layer2",),
+        "stride16": ("backbone.body.layer3",),
+        "stride32": ("backbone.body.layer4",),
+        "neck": ("backbone.fpn",),
+        "head": ("rpn", "roi_heads"),
+    },
+    "distill_taps": {
+        "backbone.body.layer1": "stride4",
+        "backbone.body.layer2": "stride8",
+        "backbone.body.layer3": "stride16",
+        "backbone.body.layer4": "stride32",
+        "backbone.fpn": "neck",
+    },
 }
 
 MODELS: dict[str, ModelEntry] = {
@@ -85,7 +129,9 @@ def model_kwargs(name: str, overrides: Mapping[str, Any] | None = None) -> dict[
     return kwargs
 
 
-def build_model(name: str, num_classes: int, overrides: Mapping[str, Any] | None = None) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, overrides: Mapping[str, Any] | None = None
+) -> nn.Module:
     """Build detector ``name`` for ``num_classes`` foreground classes."""
     return MODELS[name].build(num_classes, **model_kwargs(name, overrides))
 

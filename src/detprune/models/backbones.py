@@ -81,7 +81,9 @@ def resnet_fpn(
 ) -> BackboneWithFPN:
     """ResNet (``resnet18``, ``resnet50`` or ``narrow``) + FPN with P2-P6 outputs."""
     if arch == "narrow":
-        body: nn.Module = NarrowResNet(widths or (16, 32, 64, 128), blocks or (1, 1, 1, 1), stem_width)
+        body: nn.Module = NarrowResNet(
+            widths or (16, 32, 64, 128), blocks or (1, 1, 1, 1), stem_width
+        )
         in_channels = list(widths or (16, 32, 64, 128))
     elif arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
         body = getattr(resnet, arch)(weights=None, norm_layer=nn.BatchNorm2d)

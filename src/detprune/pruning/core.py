@@ -1,12 +1,17 @@
-"""The pruning core: torch-pruning surgery to a target share of the baseline FLOPs."""
+"""The pruning core: torch-pruning surgery to a target share of the baseline FLOPs.
+
+A method (see :mod:`detprune.pruning.methods`) supplies an importance callable and a
+procedure; the procedures here are the one-shot ones: score, prune, done. Progressive
+and stage-wise procedures live beside their methods and reuse these pieces.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch_pruning as tp
@@ -14,7 +19,12 @@ from torch import nn
 
 from detprune.evaluation.cost import count_macs
 
+if TYPE_CHECKING:
+    from detprune.models import ModelEntry
+    from detprune.pruning.methods import Method
+
 log = logging.getLogger("detprune.prune")
+Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -24,6 +34,30 @@ class PruneResult:
     model: nn.Module
     history: list
     report: dict[str, Any]
+
+
+@dataclass
+class PruneContext:
+    """Everything a pruning procedure may use.
+
+    ``options`` is the config's ``prune`` section with ``prune.options[<method>]``
+    merged in; ``batches()`` yields training batches (images, targets) on ``device``
+    for data-dependent criteria and progressive procedures; ``macs_fn`` counts the MACs
+    the way every table does.
+    """
+
+    model: nn.Module
+    spec: dict[str, Any]
+    entry: ModelEntry
+    options: dict[str, Any]
+    seed: int
+    device: torch.device
+    batches: Callable[[], Iterator[Batch]]
+    example: list[torch.Tensor]
+    macs_fn: Callable[[nn.Module], int]
+    ignored: list[str] = field(default_factory=list)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    teacher: nn.Module | None = None
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -37,29 +71,114 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def _prune_once(model: nn.Module, example: list[torch.Tensor], importance: tp.importance.Importance,
-                ratio: float, ignored: list[str], opts: dict[str, Any]) -> tuple[nn.Module, list]:
-    """Prune a deep copy of ``model`` by global/per-layer ``ratio``; return it and history."""
-    trial = copy.deepcopy(model)
-    trial.eval()
-    pruner = tp.pruner.MetaPruner(
-        trial,
-        example_inputs=(example,),
+def copy_with_grads(model: nn.Module) -> nn.Module:
+    """``deepcopy`` that also carries the parameters' ``.grad`` (deepcopy drops them)."""
+    clone = copy.deepcopy(model)
+    for src, dst in zip(model.parameters(), clone.parameters(), strict=True):
+        if src.grad is not None:
+            dst.grad = src.grad.detach().clone()
+    return clone
+
+
+def detection_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The detector's own training loss on one batch (train mode)."""
+    images, targets = batch
+    return sum(model(images, targets).values())
+
+
+def accumulate_gradients(model: nn.Module, batches: Iterator[Batch], n: int) -> int:
+    """Zero the gradients, then sum the task-loss gradients of ``n`` batches into ``.grad``.
+
+    BatchNorm running statistics are left untouched (BN layers stay in eval mode).
+    """
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    model.zero_grad(set_to_none=True)
+    done = 0
+    for batch in batches:
+        if done >= n:
+            break
+        detection_loss(model, batch).backward()
+        done += 1
+    model.eval()
+    return done
+
+
+def make_pruner(
+    model: nn.Module,
+    ctx_example: list[torch.Tensor],
+    importance: Any,
+    ratio: float,
+    ignored: list[str],
+    opts: dict[str, Any],
+) -> tp.pruner.MetaPruner:
+    """A torch-pruning MetaPruner with the core's allocation settings."""
+    return tp.pruner.MetaPruner(
+        model,
+        example_inputs=(ctx_example,),
         importance=importance,
         global_pruning=opts["global_pruning"],
         pruning_ratio=ratio,
         max_pruning_ratio=opts["max_layer_ratio"],
-        ignored_layers=[trial.get_submodule(n) for n in ignored],
+        ignored_layers=[model.get_submodule(n) for n in ignored],
         round_to=opts.get("round_to"),
     )
+
+
+def _prune_once(
+    model: nn.Module,
+    example: list[torch.Tensor],
+    importance: Any,
+    ratio: float,
+    ignored: list[str],
+    opts: dict[str, Any],
+) -> tuple[nn.Module, list]:
+    """Prune a copy of ``model`` by global/per-layer ``ratio``; return it and its history."""
+    trial = copy_with_grads(model)
+    trial.eval()
+    pruner = make_pruner(trial, example, importance, ratio, ignored, opts)
     pruner.step()
     return trial, pruner.DG.pruning_history()
+
+
+def make_report(
+    before: nn.Module,
+    after: nn.Module,
+    target: float,
+    base_macs: int,
+    macs_after: int,
+    tolerance: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What every pruning stage records: FLOPs reached, params, channels per layer."""
+    kept = macs_after / base_macs
+    err = abs(kept / target - 1)
+    if err > tolerance:
+        raise RuntimeError(
+            f"could not reach {target:.3f} of the FLOPs within {tolerance:.0%} (relative): "
+            f"kept {kept:.4f}; raise prune.max_layer_ratio or lower prune.round_to"
+        )
+    wb, wa = layer_widths(before), layer_widths(after)
+    return {
+        "flops_target": target,
+        "macs_before": base_macs,
+        "macs_after": macs_after,
+        "flops_kept": kept,
+        "relative_error": err,
+        "tolerance": tolerance,
+        "params_before": sum(p.numel() for p in before.parameters()),
+        "params_after": sum(p.numel() for p in after.parameters()),
+        "layers": {n: [wa[n], wb[n]] for n in wb},
+        **extra,
+    }
 
 
 def prune_to_flops(
     model: nn.Module,
     *,
-    importance: tp.importance.Importance,
+    importance: Any,
     target: float,
     example: list[torch.Tensor],
     ignored: list[str],
@@ -73,24 +192,28 @@ def prune_to_flops(
     """Physically remove channels until the kept share of MACs is ``target``.
 
     Bisects torch-pruning's pruning ratio; each trial prunes a fresh copy of ``model``
-    (gradients stored on its parameters come along, for data-dependent criteria). The
-    result's kept share is within ``tolerance`` (relative) of ``target`` or it raises.
+    (its gradients come along, for data-dependent criteria). The kept share ends within
+    ``tolerance`` (relative) of ``target``, or this raises.
     """
     base = macs_fn(model)
-    opts = {"global_pruning": global_pruning, "max_layer_ratio": max_layer_ratio,
-            "round_to": round_to}
+    opts = {
+        "global_pruning": global_pruning,
+        "max_layer_ratio": max_layer_ratio,
+        "round_to": round_to,
+    }
     lo, hi = 0.0, max_layer_ratio
-    best: tuple[float, nn.Module, list, float] | None = None
+    best: tuple[float, nn.Module, list, int] | None = None
     trials = []
     for _ in range(max_trials):
         ratio = (lo + hi) / 2
         trial, history = _prune_once(model, example, importance, ratio, ignored, opts)
-        kept = macs_fn(trial) / base
+        macs = macs_fn(trial)
+        kept = macs / base
         err = abs(kept / target - 1)
         trials.append({"ratio": ratio, "kept": kept})
         log.info("pruning ratio %.4f keeps %.4f of MACs (target %.3f)", ratio, kept, target)
         if best is None or err < best[0]:
-            best = (err, trial, history, kept)
+            best = (err, trial, history, macs)
         if err <= tolerance / 4:
             break
         if kept > target:
@@ -98,34 +221,49 @@ def prune_to_flops(
         else:
             hi = ratio
     assert best is not None
-    err, pruned, history, kept = best
-    if err > tolerance:
-        raise RuntimeError(
-            f"could not reach {target:.3f} of the FLOPs within {tolerance:.0%}: best kept "
-            f"{kept:.4f}; raise prune.max_layer_ratio or lower prune.round_to"
-        )
-    before, after = layer_widths(model), layer_widths(pruned)
-    report = {
-        "flops_target": target,
-        "macs_before": base,
-        "macs_after": int(kept * base),
-        "flops_kept": kept,
-        "relative_error": err,
-        "tolerance": tolerance,
-        "params_before": sum(p.numel() for p in model.parameters()),
-        "params_after": sum(p.numel() for p in pruned.parameters()),
-        "layers": {n: [after[n], before[n]] for n in before},
-        "trials": trials,
-    }
+    _, pruned, history, macs = best
+    report = make_report(
+        model,
+        pruned,
+        target,
+        base,
+        macs,
+        tolerance,
+        trials=trials,
+        allocation="global" if global_pruning else "per-layer",
+    )
     return PruneResult(pruned, history, report)
 
 
-def macs_counter(image_size: int, per_roi_modules: tuple[str, ...], rois: int
-                 ) -> Callable[[nn.Module], int]:
+def oneshot(ctx: PruneContext, method: Method, target: float) -> PruneResult:
+    """Score once (after task-loss gradients when the criterion needs them), prune, done."""
+    if method.needs_gradients:
+        n = accumulate_gradients(ctx.model, ctx.batches(), ctx.options.get("calib_batches", 8))
+        log.info("accumulated task-loss gradients over %d batches", n)
+    importance = method.importance(ctx)
+    opts = ctx.options
+    return prune_to_flops(
+        ctx.model,
+        importance=importance,
+        target=target,
+        example=ctx.example,
+        ignored=ctx.ignored,
+        macs_fn=ctx.macs_fn,
+        global_pruning=opts.get("global_pruning", True) and method.global_pruning,
+        max_layer_ratio=opts.get("max_layer_ratio", 0.9),
+        round_to=opts.get("round_to"),
+        tolerance=opts.get("tolerance", 0.02),
+    )
+
+
+def macs_counter(
+    image_size: int, per_roi_modules: tuple[str, ...], rois: int
+) -> Callable[[nn.Module], int]:
     """A ``macs_fn`` for :func:`prune_to_flops` at a fixed input size and RoI count."""
 
     def fn(model: nn.Module) -> int:
-        return count_macs(model, image_size, per_roi_modules=per_roi_modules,
-                          rois_per_image=rois)["macs"]
+        return count_macs(model, image_size, per_roi_modules=per_roi_modules, rois_per_image=rois)[
+            "macs"
+        ]
 
     return fn

@@ -32,7 +32,11 @@ def _plain(value: Any) -> Any:
 
 def model_spec(name: str, num_classes: int, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """What :func:`rebuild` needs to construct the unpruned architecture."""
-    return {"name": name, "num_classes": int(num_classes), "kwargs": _plain(model_kwargs(name, overrides))}
+    return {
+        "name": name,
+        "num_classes": int(num_classes),
+        "kwargs": _plain(model_kwargs(name, overrides)),
+    }
 
 
 def example_inputs(spec: dict[str, Any]) -> list[torch.Tensor]:
@@ -59,8 +63,15 @@ def rebuild(spec: dict[str, Any], history: list) -> nn.Module:
     return apply_history(model, spec, history)
 
 
-def save(path: str | Path, *, spec: dict[str, Any], model: nn.Module, history: list,
-         meta: dict[str, Any], **state: Any) -> None:
+def save(
+    path: str | Path,
+    *,
+    spec: dict[str, Any],
+    model: nn.Module,
+    history: list,
+    meta: dict[str, Any],
+    **state: Any,
+) -> None:
     """Write a checkpoint atomically. ``state`` holds optimizer/scheduler/epoch/rng."""
     ckpt = {
         "format": FORMAT,
@@ -84,7 +95,9 @@ def load(path: str | Path) -> dict[str, Any]:
     if ckpt["format"] != FORMAT:
         raise ValueError(f"{path}: field 'format' is {ckpt['format']!r}, expected {FORMAT!r}")
     if ckpt["model"].get("name") not in MODELS:
-        raise ValueError(f"{path}: field 'model.name' {ckpt['model'].get('name')!r} is not registered")
+        raise ValueError(
+            f"{path}: field 'model.name' {ckpt['model'].get('name')!r} is not registered"
+        )
     return ckpt
 
 
@@ -95,5 +108,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(f"{path}: field 'state_dict' does not fit the rebuilt model ({exc})") from exc
+        raise ValueError(
+            f"{path}: field 'state_dict' does not fit the rebuilt model ({exc})"
+        ) from exc
     return model, ckpt

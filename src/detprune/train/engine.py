@@ -24,6 +24,7 @@ from detprune.train import checkpoint
 
 log = logging.getLogger("detprune.train")
 LossHook = Callable[[nn.Module, list, list, dict], dict]
+GradHook = Callable[[nn.Module, float], None]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -35,12 +36,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0
-                ) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0
+) -> DataLoader:
     """A loader whose order depends only on (seed, epoch): resumable and reproducible."""
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      num_workers=0, collate_fn=collate)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=gen,
+        num_workers=0,
+        collate_fn=collate,
+    )
 
 
 def build_optimizer(model: nn.Module, sched: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -49,8 +57,10 @@ def build_optimizer(model: nn.Module, sched: Mapping[str, Any]) -> torch.optim.O
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": sched["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": sched["weight_decay"]},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.SGD(groups, lr=sched["lr"], momentum=sched["momentum"])
 
 
@@ -86,8 +96,15 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     max_iters: int | None = None,
     loss_hook: LossHook | None = None,
+    grad_hook: GradHook | None = None,
+    progress: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of each loss term."""
+    """One pass over ``loader``; returns the mean of each loss term.
+
+    ``loss_hook`` may add loss terms (distillation); ``grad_hook(model, progress)`` runs
+    between backward and the optimizer step (sparsity regularizers), ``progress`` being
+    the fraction of the whole schedule done, from ``progress=(epoch, epochs)``.
+    """
     model.train()
     sums: dict[str, float] = {}
     n = 0
@@ -97,8 +114,9 @@ def train_one_epoch(
         if max_iters and n >= max_iters:
             break
         images = [im.to(device) for im in images]
-        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
-                   for t in targets]
+        targets = [
+            {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
+        ]
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
             losses = model(images, targets)
             if loss_hook is not None:
@@ -109,23 +127,31 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_hook is not None:
+            grad_hook(model, (progress[0] + n / max(total, 1)) / progress[1])
+        if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         scheduler.step()
         n += 1
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+        bar.set_postfix(
+            loss=f"{float(loss.detach()):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}"
+        )
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8
-             ) -> tuple[dict[str, float | None], str]:
+def evaluate(
+    model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8
+) -> tuple[dict[str, float | None], str]:
     """COCO box metrics of ``model`` on ``dataset`` through pycocotools."""
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0)
@@ -159,6 +185,7 @@ def fit(
     out: Path,
     meta: dict[str, Any],
     loss_hook: LossHook | None = None,
+    grad_hook: GradHook | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``sched['epochs']`` epochs and write the final checkpoint ``out``.
 
@@ -191,17 +218,42 @@ def fit(
             log.warning("ignoring %s: it belongs to another configuration", resume)
     for epoch in range(start, sched["epochs"]):
         loader = make_loader(train_set, sched["batch_size"], shuffle=True, seed=seed, epoch=epoch)
-        losses = train_one_epoch(model, optimizer, scheduler, loader, device, epoch, scaler=scaler,
-                                 max_iters=sched.get("max_iters_per_epoch"), loss_hook=loss_hook)
+        losses = train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            loader,
+            device,
+            epoch,
+            scaler=scaler,
+            max_iters=sched.get("max_iters_per_epoch"),
+            loss_hook=loss_hook,
+            grad_hook=grad_hook,
+            progress=(epoch, sched["epochs"]),
+        )
         history_log.append({"epoch": epoch, **losses, "lr": optimizer.param_groups[0]["lr"]})
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in losses.items()})
-        checkpoint.save(resume, spec=spec, model=model, history=history, meta=meta,
-                        epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict() if scaler is not None else {},
-                        rng=_rng_state(), log=history_log)
+        checkpoint.save(
+            resume,
+            spec=spec,
+            model=model,
+            history=history,
+            meta=meta,
+            epoch=epoch + 1,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else {},
+            rng=_rng_state(),
+            log=history_log,
+        )
     model.cpu()
-    checkpoint.save(out, spec=spec, model=model, history=history,
-                    meta={**meta, "train_log": history_log}, epoch=sched["epochs"])
+    checkpoint.save(
+        out,
+        spec=spec,
+        model=model,
+        history=history,
+        meta={**meta, "train_log": history_log},
+        epoch=sched["epochs"],
+    )
     resume.unlink(missing_ok=True)
     return {"log": history_log}

@@ -1,0 +1,95 @@
+"""The tiny config through the real DAG: Snakemake, then DVC, with identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import write_config
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _project(root: Path, dest: Path, cfg: dict) -> Path:
+    """A copy of the workflow with the tiny config as its default config."""
+    dest.mkdir(parents=True)
+    shutil.copy(root / "Snakefile", dest / "Snakefile")
+    shutil.copytree(root / "workflow", dest / "workflow")
+    (dest / "src/detprune/data").mkdir(parents=True)
+    shutil.copy(root / "src/detprune/data/synth.py", dest / "src/detprune/data/synth.py")
+    write_config(cfg, dest / "config" / "config.yaml")
+    return dest
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
+    return res
+
+
+@pytest.fixture(scope="module")
+def snakemake_run(root, tmp_path_factory, request):
+    from detprune.config import deep_merge, load_config
+    from tests.conftest import TINY
+
+    cfg = deep_merge(load_config(root / "config" / "config.yaml"), TINY)
+    proj = _project(root, tmp_path_factory.mktemp("smk") / "proj", cfg)
+    _run([str(BIN / "snakemake"), "--cores", "2"], proj)
+    return proj, cfg
+
+
+def test_snakemake_runs_the_whole_dag(snakemake_run):
+    proj, _ = snakemake_run
+    res = proj / "results"
+    table = pd.read_csv(res / "tables" / "tiny.csv")
+    assert list(table["method"]) == ["baseline", "l1"]
+    assert table.loc[1, "flops_target (%)"] == pytest.approx(50)
+    assert abs(table.loc[1, "flops_kept (%)"] - 50) <= 1.0  # within 2% of the target
+    assert table.loc[1, "params (M)"] < table.loc[0, "params (M)"]
+    for name in ("tiny.md", "tiny.tex", "tiny_summary.json"):
+        assert (res / "tables" / name).stat().st_size > 0
+    for name in ("tiny_map_vs_flops.png", "tiny_channels_per_layer.png"):
+        assert (res / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((res / "metrics" / "l1" / "flops50.json").read_text())
+    assert set(metrics["metrics"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
+    assert metrics["cost"]["input_size"] == [64, 64]
+    assert metrics["provenance"]["versions"]["torch"].startswith("2.14.1")
+    # every rule wrote its log and benchmark
+    assert (res / "logs" / "train.log").stat().st_size > 0
+    assert (res / "benchmarks" / "train.tsv").is_file()
+
+
+def test_rerun_has_nothing_to_do(snakemake_run):
+    proj, _ = snakemake_run
+    out = _run([str(BIN / "snakemake"), "--cores", "2", "-n"], proj)
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_dvc_repro_runs_the_same_stages_with_identical_metrics(
+    root, snakemake_run, tmp_path_factory
+):
+    smk_proj, cfg = snakemake_run
+    proj = _project(root, tmp_path_factory.mktemp("dvc") / "proj", cfg)
+    _run([str(BIN / "dvc"), "init", "--no-scm", "-q"], proj)
+    _run([str(BIN / "detprune"), "dvc", "--config", "config/config.yaml"], proj)
+    _run([str(BIN / "dvc"), "repro"], proj)
+    status = _run([str(BIN / "dvc"), "status"], proj)
+    assert "up to date" in status.stdout
+    for rel in ("metrics/baseline.json", "metrics/l1/flops50.json"):
+        a = json.loads((smk_proj / "results" / rel).read_text())
+        b = json.loads((proj / "results" / rel).read_text())
+        assert a["metrics"] == b["metrics"], rel  # same seed, same CPU: identical metrics
+        assert a["cost"]["macs"] == b["cost"]["macs"]
+        assert a["checkpoint"]["sha256"] == b["checkpoint"]["sha256"], rel  # bitwise weights
+    shown = _run([str(BIN / "dvc"), "metrics", "show"], proj)
+    assert "baseline@1" in shown.stdout

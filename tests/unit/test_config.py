@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detprune.config import ConfigError, finetune_schedule, load_config
+
+
+def test_default_config_validates(default_config):
+    assert default_config["model"]["name"] == "fasterrcnn_narrow_fpn"
+    assert default_config["prune"]["flops_targets"] == [0.5, 0.25, 0.1]
+
+
+def test_bad_field_is_named_with_the_file(tmp_path: Path, default_config):
+    bad = dict(default_config)
+    bad["train"] = {**default_config["train"], "lr": -1}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "train.lr" in msg and "-1" in msg
+
+
+def test_unknown_key_and_shell_unsafe_path_are_rejected(tmp_path: Path, default_config):
+    bad = {**default_config, "resutls": "x", "results": "out; rm -rf /"}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "resutls" in str(err.value)
+    assert "field 'results'" in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_finetune_schedule_is_keyed_by_method(default_config):
+    cfg = dict(default_config)
+    cfg["finetune"] = {**cfg["finetune"], "methods": {"l1": {"epochs": 99}}}
+    assert finetune_schedule(cfg, "l1")["epochs"] == 99
+    assert (
+        finetune_schedule(cfg, "other")["epochs"] == default_config["finetune"]["default"]["epochs"]
+    )

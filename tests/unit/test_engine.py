@@ -1,0 +1,98 @@
+"""Training engine: schedule, determinism on the CPU, resume after an interruption."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from detprune.data.coco import CocoDetection
+from detprune.data.synth import write_synthetic
+from detprune.data.transforms import get_transform
+from detprune.models import build_model
+from detprune.train import checkpoint
+from detprune.train.engine import fit, lr_factor
+
+SCHED = {
+    "epochs": 2,
+    "batch_size": 4,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "warmup_iters": 2,
+    "schedule": "cosine",
+    "augment": "hflip",
+    "amp": False,
+    "device": "cpu",
+    "max_iters_per_epoch": 2,
+}
+
+
+def test_lr_factor_warms_up_then_follows_the_schedule():
+    cos = lr_factor({**SCHED, "epochs": 10, "warmup_iters": 10}, iters_per_epoch=10)
+    assert cos(0) == pytest.approx(0.001)
+    assert cos(10) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.1)).item()))
+    assert cos(100) == pytest.approx(0.0, abs=1e-12)
+    step = lr_factor(
+        {
+            **SCHED,
+            "epochs": 10,
+            "warmup_iters": 0,
+            "schedule": "step",
+            "milestones": [3, 6],
+            "gamma": 0.1,
+        },
+        iters_per_epoch=5,
+    )
+    assert [step(i) for i in (0, 14, 15, 29, 30)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(
+        root, seed=1, num_train=8, num_val=2, image_size=64, min_objects=1, max_objects=3
+    )
+    return CocoDetection(
+        root / "instances_train.json", root / "train", transforms=get_transform("hflip", train=True)
+    )
+
+
+def _fit(data, out: Path, loss_hook=None):
+    torch.manual_seed(0)
+    spec = checkpoint.model_spec("fasterrcnn_narrow_fpn", data.num_classes, {"image_size": 64})
+    model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
+    fit(
+        model,
+        spec=spec,
+        history=[],
+        sched=SCHED,
+        train_set=data,
+        seed=5,
+        out=out,
+        meta={"fingerprint": "test"},
+        loss_hook=loss_hook,
+    )
+    return checkpoint.load(out)["state_dict"]
+
+
+def test_same_seed_same_weights_and_resume_matches_uninterrupted(data, tmp_path: Path):
+    a = _fit(data, tmp_path / "a.pt")
+    b = _fit(data, tmp_path / "b.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    calls = {"n": 0}
+
+    def crash_in_second_epoch(model, images, targets, losses):
+        calls["n"] += 1
+        if calls["n"] == 3:  # first iteration of epoch 2
+            raise KeyboardInterrupt("preempted")
+        return losses
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(data, tmp_path / "c.pt", loss_hook=crash_in_second_epoch)
+    assert not (tmp_path / "c.pt").exists(), "no half-written final checkpoint"
+    resume = checkpoint.load(tmp_path / "c.pt.resume.pt")
+    assert resume["epoch"] == 1
+    c = _fit(data, tmp_path / "c.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert not (tmp_path / "c.pt.resume.pt").exists()

@@ -1,0 +1,130 @@
+"""Real torch-pruning surgery on the registry's Faster R-CNN, and checkpoint round trips."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from detprune.evaluation.cost import count_macs, count_params
+from detprune.models import MODELS, build_model
+from detprune.pruning.core import macs_counter, prune_to_flops
+from detprune.pruning.importance.magnitude import l1_importance
+from detprune.train import checkpoint
+
+NAME = "fasterrcnn_narrow_fpn"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    torch.manual_seed(0)
+    spec = checkpoint.model_spec(NAME, 3, {"image_size": SIZE})
+    model = build_model(NAME, 3, spec["kwargs"]).eval()
+    entry = MODELS[NAME]
+    macs_fn = macs_counter(SIZE, entry.per_roi_modules, spec["kwargs"]["rpn_post_nms_top_n_test"])
+    result = prune_to_flops(
+        model,
+        importance=l1_importance(),
+        target=0.5,
+        example=checkpoint.example_inputs(spec),
+        ignored=list(entry.ignored_layers),
+        macs_fn=macs_fn,
+    )
+    return spec, model, result, macs_fn
+
+
+def test_pruned_model_is_physically_smaller_and_hits_the_target(pruned):
+    spec, model, result, macs_fn = pruned
+    assert count_params(result.model) < 0.75 * count_params(model)
+    kept = macs_fn(result.model) / macs_fn(model)
+    assert abs(kept / 0.5 - 1) <= 0.02
+    assert result.report["flops_kept"] == pytest.approx(kept)
+    # channels really went: some backbone conv is narrower than before
+    layers = result.report["layers"]
+    assert layers["backbone.body.layer4.0.conv1"][0] < layers["backbone.body.layer4.0.conv1"][1]
+    # ignored layers are untouched
+    for name in MODELS[NAME].ignored_layers:
+        assert layers[name][0] == layers[name][1]
+
+
+def test_pruned_model_runs_forward_in_train_and_eval(pruned):
+    _, _, result, _ = pruned
+    m = result.model
+    image = torch.rand(3, SIZE, SIZE)
+    m.eval()
+    with torch.no_grad():
+        out = m([image])
+    assert out[0]["boxes"].shape[1] == 4
+    m.train()
+    target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}
+    losses = m([image], [target])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    m.eval()
+
+
+def test_checkpoint_reloads_with_weights_only(pruned, tmp_path: Path):
+    spec, _, result, _ = pruned
+    path = tmp_path / "pruned.pt"
+    checkpoint.save(path, spec=spec, model=result.model, history=result.history, meta={"m": 1})
+    raw = torch.load(path, weights_only=True)  # would raise on any pickled object
+    assert raw["format"] == checkpoint.FORMAT and raw["pruning_history"]
+    reloaded, ckpt = checkpoint.load_model(path)
+    assert count_params(reloaded) == count_params(result.model)
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    result.model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        a = result.model.backbone(image[None])
+        b = reloaded.backbone(image[None])
+    for key in a:
+        assert torch.equal(a[key], b[key])
+
+
+def test_bad_checkpoints_name_file_and_field(tmp_path: Path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not a readable"):
+        checkpoint.load(junk)
+    partial = tmp_path / "partial.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": {"name": NAME}}, partial)
+    with pytest.raises(ValueError, match="partial.pt: checkpoint lacks field 'pruning_history'"):
+        checkpoint.load(partial)
+
+
+def test_macs_count_is_exact_on_a_known_layer():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images):
+            return self.net(torch.stack(images))
+
+    macs = count_macs(Wrap(), 10)["macs"]
+    assert macs == 10 * 10 * 8 * 3 * 9 + 10 * 10 * 4 * 8
+
+
+def test_l1_removes_a_zeroed_filter_first():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 3))
+    with torch.no_grad():
+        net[0].weight[4].zero_()
+        net[1].weight[4] = 0.0
+        net[1].bias[4] = 0.0
+        for i in range(6):
+            if i != 4:
+                net[0].weight[i].fill_(0.5 + i)
+                net[1].weight[i] = 1.0
+    marker = net[3].weight.detach().clone()
+    pruner = tp.pruner.MetaPruner(
+        net, torch.rand(1, 3, 8, 8), l1_importance(), pruning_ratio=1 / 6, ignored_layers=[net[3]]
+    )
+    pruner.step()
+    assert net[0].out_channels == 5
+    kept = [i for i in range(6) if i != 4]
+    assert torch.equal(net[3].weight, marker[:, kept])

@@ -1,0 +1,61 @@
+"""One source of truth: dvc.yaml is generated from the config and runs Snakemake's commands."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from detprune.config import load_config
+from detprune.workflow import dvc_yaml
+
+BIN = Path(sys.executable).parent
+
+
+def test_committed_dvc_yaml_is_not_stale(root):
+    config = load_config(root / "config" / "config.yaml")
+    assert (root / "dvc.yaml").read_text() == dvc_yaml(config, "config/config.yaml"), (
+        "dvc.yaml is stale: run `detprune dvc --config config/config.yaml`"
+    )
+
+
+def test_dvc_runs_exactly_the_commands_snakemake_plans(root):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "-p", "--cores", "2"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    planned = sorted(
+        line.removeprefix("Shell command: ")
+        for line in out.splitlines()
+        if line.startswith("Shell command: detprune")
+    )
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    assert planned == sorted(s["cmd"] for s in stages.values())
+    # every DAG step is there: data, checks, train, baseline eval, 3x(prune, finetune, eval), report
+    assert len(planned) == 1 + 2 + 1 + 1 + 3 * 3 + 1
+    assert "metrics" in stages["report"] and "plots" in stages["report"]
+
+
+def test_dvc_check_flags_a_stale_file(root, tmp_path: Path):
+    stale = tmp_path / "dvc.yaml"
+    stale.write_text("stages: {}\n")
+    res = subprocess.run(
+        [
+            str(BIN / "detprune"),
+            "dvc",
+            "--config",
+            str(root / "config" / "config.yaml"),
+            "--out",
+            str(stale),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "stale" in res.stderr
