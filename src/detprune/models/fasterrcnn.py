@@ -11,6 +11,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import RPNHead
 
 from detprune.models.backbones import resnet_fpn
+from detprune.models.base import ModelEntry
 
 # Layers whose output channels no method may prune: the final predictions (classes and
 # box coordinates), and the FPN outputs with the RPN conv, whose channels are shared by
@@ -93,3 +94,78 @@ def build_fasterrcnn(
 def rois_per_image(model: nn.Module) -> int:
     """Proposals the box head sees per image at test time (for the FLOPs count)."""
     return int(model.rpn._post_nms_top_n["testing"])
+
+
+# Settings of the CPU-sized configuration: at 128 px the cost of torchvision's R-CNN
+# defaults (2000 proposals, 512 RoIs per image) is almost all RoIAlign backward, so the
+# proposal and RoI budgets are cut, and anchors are scaled to 128 px images.
+_CPU_RCNN = {
+    "image_size": 128,
+    "anchor_sizes": (12, 24, 48, 96, 160),
+    "rpn_pre_nms_top_n_train": 600,
+    "rpn_post_nms_top_n_train": 150,
+    "rpn_pre_nms_top_n_test": 300,
+    "rpn_post_nms_top_n_test": 100,
+    "rpn_batch_size_per_image": 128,
+    "box_batch_size_per_image": 64,
+}
+
+_RCNN_PRUNING = {
+    "ignored_layers": FASTERRCNN_IGNORED,
+    "per_roi_modules": ("roi_heads.box_head", "roi_heads.box_predictor"),
+    "neck_outputs": ("backbone.fpn",),
+    "cls_logits": ("rpn.head.cls_logits",),
+    "aux_features": (
+        ("backbone.body.layer1", 4),
+        ("backbone.body.layer2", 8),
+        ("backbone.body.layer3", 16),
+        ("backbone.body.layer4", 32),
+    ),
+    "groups": {
+        "stride4": ("backbone.body.conv1", "backbone.body.bn1", "backbone.body.layer1"),
+        "stride8": ("backbone.body.layer2",),
+        "stride16": ("backbone.body.layer3",),
+        "stride32": ("backbone.body.layer4",),
+        "neck": ("backbone.fpn",),
+        "head": ("rpn", "roi_heads"),
+    },
+    "distill_taps": {
+        "backbone.body.layer1": "stride4",
+        "backbone.body.layer2": "stride8",
+        "backbone.body.layer3": "stride16",
+        "backbone.body.layer4": "stride32",
+        "backbone.fpn": "neck",
+    },
+}
+
+FASTERRCNN_MODELS: dict[str, ModelEntry] = {
+    "fasterrcnn_r50_fpn": ModelEntry(
+        build_fasterrcnn,
+        "Faster R-CNN, ResNet-50-FPN, torchvision defaults (800 px): the papers' setting",
+        {"backbone": "resnet50"},
+        image_size=800,
+        **_RCNN_PRUNING,
+    ),
+    "fasterrcnn_r18_fpn": ModelEntry(
+        build_fasterrcnn,
+        "Faster R-CNN, ResNet-18-FPN (128 px, CPU proposal budget)",
+        {"backbone": "resnet18", **_CPU_RCNN},
+        image_size=128,
+        **_RCNN_PRUNING,
+    ),
+    "fasterrcnn_narrow_fpn": ModelEntry(
+        build_fasterrcnn,
+        "Faster R-CNN, narrow ResNet (32-256 ch) + 64-ch FPN, 128 px: the default CPU run",
+        {
+            "backbone": "narrow",
+            "widths": (32, 64, 128, 256),
+            "blocks": (1, 1, 1, 1),
+            "stem_width": 32,
+            "fpn_channels": 64,
+            "representation_size": 256,
+            **_CPU_RCNN,
+        },
+        image_size=128,
+        **_RCNN_PRUNING,
+    ),
+}

@@ -1,16 +1,16 @@
 """The ``METHODS`` registry: a method is an importance callable plus how it is applied.
 
 To add a method, write an importance factory ``fn(ctx) -> torch-pruning Importance``
-(a callable that scores the channels of a coupled group) and add one entry here.
+(a callable that scores the channels of a coupled group; cite the paper in its
+docstring) and add one :class:`~detprune.pruning.base.Method` entry to ``METHODS``.
+Families of methods live in their own modules and are merged here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-from detprune.pruning.core import PruneContext, PruneResult, oneshot
+from detprune.pruning.base import Method
+from detprune.pruning.importance.dcp import DCP_METHODS
+from detprune.pruning.importance.gcp import GCP_METHODS
 from detprune.pruning.importance.magnitude import (
     bn_scale_importance,
     fpgm_importance,
@@ -18,34 +18,10 @@ from detprune.pruning.importance.magnitude import (
     l1_importance,
     random_importance,
 )
+from detprune.pruning.importance.miep import MIEP_METHODS
 from detprune.pruning.importance.taylor import taylor_importance
 
-ImportanceFactory = Callable[[PruneContext], Any]
-Procedure = Callable[[PruneContext, "Method", float], PruneResult]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A pruning method and the stages around it.
-
-    ``importance(ctx)`` returns a torch-pruning importance callable; ``procedure`` prunes
-    (default: one shot to the FLOPs target); ``global_pruning`` False makes every layer
-    keep the same share; ``needs_gradients`` makes the core accumulate task-loss gradients
-    first; ``sparsity`` names a regularizer of :data:`detprune.train.sparsity.REGULARIZERS`
-    trained in its own cached stage before pruning; ``distill`` is the default
-    distillation of its fine-tuning.
-    """
-
-    description: str
-    importance: ImportanceFactory | None = None
-    procedure: Procedure = oneshot
-    global_pruning: bool = True
-    needs_gradients: bool = False
-    sparsity: str | None = None
-    distill: str | None = None
-
-
-METHODS: dict[str, Method] = {
+BASELINES: dict[str, Method] = {
     "random": Method("random channels (seeded)", random_importance),
     "uniform": Method(
         "uniform width: every layer keeps the same share (Slimmable stand-in)",
@@ -70,6 +46,8 @@ METHODS: dict[str, Method] = {
         needs_gradients=True,
     ),
 }
+
+METHODS: dict[str, Method] = {**BASELINES, **MIEP_METHODS, **DCP_METHODS, **GCP_METHODS}
 
 
 def get_method(name: str) -> Method:

@@ -1,19 +1,15 @@
-"""Distillation from the unpruned teacher during fine-tuning.
+"""Losses added during fine-tuning, selected by the schedule's ``distill`` key.
 
-``DISTILLERS`` maps a name (the fine-tuning schedule's ``distill`` key) to a factory
-``fn(student, teacher, spec, options) -> loss_hook`` for :func:`detprune.train.engine.fit`:
-the hook receives (model, images, targets, losses) and returns the losses with the
-distillation terms added.
+``DISTILLERS`` maps a name to a factory ``fn(student, teacher, spec, options) -> hook``
+for :func:`detprune.train.engine.fit`; the hook receives (model, images, targets,
+losses) and returns the losses with its terms added: distillation from the unpruned
+teacher (``sad``) or an auxiliary network's loss (``lcp``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from detprune.pruning.lcp_loss import LCP_LOSSES
+from detprune.train.distill_base import DistillFactory
+from detprune.train.sad import SAD_LOSSES
 
-from torch import nn
-
-LossHook = Callable[[nn.Module, list, list, dict], dict]
-DistillFactory = Callable[[nn.Module, nn.Module, dict[str, Any], dict[str, Any]], LossHook]
-
-DISTILLERS: dict[str, DistillFactory] = {}
+DISTILLERS: dict[str, DistillFactory] = {**SAD_LOSSES, **LCP_LOSSES}

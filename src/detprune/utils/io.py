@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -53,9 +54,14 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def torch_save(path: str | os.PathLike[str], obj: Any) -> None:
-    """``torch.save`` atomically. ``obj`` must hold tensors and plain Python values only."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` atomically. ``obj`` must hold tensors and plain Python values only.
+
+    Saved through a buffer so the archive's inner name does not depend on the (random)
+    temporary file name: the same object gives the same bytes.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def torch_load(path: str | os.PathLike[str]) -> Any:
