@@ -22,7 +22,7 @@ def small_net() -> nn.Sequential:
 def prune_one(net: nn.Sequential, method: str, seed: int = 0) -> list[int]:
     """Prune one of the six channels with ``method``; return the kept original indices."""
     original = net[0].weight.detach().clone()
-    imp = METHODS[method].importance(SimpleNamespace(seed=seed))
+    imp = METHODS[method].importance(SimpleNamespace(seed=seed, model=net))
     pruner = tp.pruner.MetaPruner(
         net, torch.rand(1, 3, 8, 8), imp, pruning_ratio=1 / 6, ignored_layers=[net[3]]
     )
@@ -82,7 +82,7 @@ def test_taylor_removes_the_channel_whose_gradient_is_zero():
     (net(x) ** 2).mean().backward()
     assert net[0].weight.grad[5].abs().sum() == 0
     w3 = net[3].weight.detach().clone()
-    imp = METHODS["taylor"].importance(SimpleNamespace(seed=0))
+    imp = METHODS["taylor"].importance(SimpleNamespace(seed=0, model=net))
     pruner = tp.pruner.MetaPruner(
         net, torch.rand(1, 3, 8, 8), imp, pruning_ratio=1 / 6, ignored_layers=[net[3]]
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -14,20 +15,39 @@ from detprune.models.backbones import resnet_fpn
 from detprune.models.base import ModelEntry
 
 # Layers whose output channels no method may prune: the final predictions (classes and
-# box coordinates), and the FPN outputs with the RPN conv, whose channels are shared by
-# the RPN head across all levels and by MultiScaleRoIAlign (torch-pruning does not trace
-# that sharing through the reused head, so pruning it would break the model).
+# box coordinates).
 FASTERRCNN_IGNORED = (
-    "backbone.fpn.layer_blocks.0.0",
-    "backbone.fpn.layer_blocks.1.0",
-    "backbone.fpn.layer_blocks.2.0",
-    "backbone.fpn.layer_blocks.3.0",
-    "rpn.head.conv.0.0",
     "rpn.head.cls_logits",
     "rpn.head.bbox_pred",
     "roi_heads.box_predictor.cls_score",
     "roi_heads.box_predictor.bbox_pred",
 )
+
+
+class PrunableFasterRCNN(FasterRCNN):
+    """torchvision's Faster R-CNN with a dense forward for dependency tracing.
+
+    In eval mode the RPN's proposals are detached (selected by index), so tracing the
+    detections never reaches the RPN head and torch-pruning would not see that the FPN
+    output channels feed it. Called with a batched tensor instead of a list of images,
+    the model returns every head output on every level, so the traced graph holds all
+    couplings: FPN outputs -> RPN head (shared over levels) and -> RoIAlign -> box head.
+    """
+
+    def forward(self, images, targets=None):  # type: ignore[override]
+        if isinstance(images, torch.Tensor):
+            return self.trace_forward(images)
+        return super().forward(images, targets)
+
+    def trace_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Dense outputs of every head for a batch ``x`` (B, 3, H, W); no NMS, no decoding."""
+        features = self.backbone(x)
+        objectness, deltas = self.rpn.head(list(features.values()))
+        h, w = x.shape[-2:]
+        boxes = x.new_tensor([[0.0, 0.0, w / 2, h / 2], [w / 4, h / 4, w, h]])
+        pooled = self.roi_heads.box_roi_pool(features, [boxes] * x.shape[0], [(h, w)] * x.shape[0])
+        scores, reg = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+        return (*objectness, *deltas, scores, reg)
 
 
 def build_fasterrcnn(
@@ -70,7 +90,7 @@ def build_fasterrcnn(
     rpn_head = RPNHead(fpn_channels, anchors.num_anchors_per_location()[0])
     box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
     predictor = FastRCNNPredictor(representation_size, num_classes + 1)
-    model = FasterRCNN(
+    model = PrunableFasterRCNN(
         body,
         num_classes=None,
         min_size=image_size,

@@ -53,7 +53,7 @@ class PruneContext:
     seed: int
     device: torch.device
     batches: Callable[[], Iterator[Batch]]
-    example: list[torch.Tensor]
+    example: torch.Tensor
     macs_fn: Callable[[nn.Module], int]
     ignored: list[str] = field(default_factory=list)
     schedule: dict[str, Any] = field(default_factory=dict)
@@ -108,7 +108,7 @@ def accumulate_gradients(model: nn.Module, batches: Iterator[Batch], n: int) -> 
 
 def make_pruner(
     model: nn.Module,
-    ctx_example: list[torch.Tensor],
+    ctx_example: torch.Tensor,
     importance: Any,
     ratio: float,
     ignored: list[str],
@@ -129,7 +129,7 @@ def make_pruner(
 
 def _prune_once(
     model: nn.Module,
-    example: list[torch.Tensor],
+    example: torch.Tensor,
     importance: Any,
     ratio: float,
     ignored: list[str],
@@ -180,7 +180,7 @@ def prune_to_flops(
     *,
     importance: Any,
     target: float,
-    example: list[torch.Tensor],
+    example: torch.Tensor,
     ignored: list[str],
     macs_fn: Callable[[nn.Module], int],
     global_pruning: bool = True,
@@ -202,7 +202,7 @@ def prune_to_flops(
         "round_to": round_to,
     }
     lo, hi = 0.0, max_layer_ratio
-    best: tuple[float, nn.Module, list, int] | None = None
+    best: tuple[float, nn.Module, list, int, float] | None = None
     trials = []
     for _ in range(max_trials):
         ratio = (lo + hi) / 2
@@ -213,7 +213,7 @@ def prune_to_flops(
         trials.append({"ratio": ratio, "kept": kept})
         log.info("pruning ratio %.4f keeps %.4f of MACs (target %.3f)", ratio, kept, target)
         if best is None or err < best[0]:
-            best = (err, trial, history, macs)
+            best = (err, trial, history, macs, ratio)
         if err <= tolerance / 4:
             break
         if kept > target:
@@ -221,7 +221,7 @@ def prune_to_flops(
         else:
             hi = ratio
     assert best is not None
-    _, pruned, history, macs = best
+    _, pruned, history, macs, ratio = best
     report = make_report(
         model,
         pruned,
@@ -230,6 +230,7 @@ def prune_to_flops(
         macs,
         tolerance,
         trials=trials,
+        ratio=ratio,
         allocation="global" if global_pruning else "per-layer",
     )
     return PruneResult(pruned, history, report)

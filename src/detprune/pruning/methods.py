@@ -39,7 +39,11 @@ BASELINES: dict[str, Method] = {
         bn_scale_importance,
         sparsity="bn_l1",
     ),
-    "fpgm": Method("FPGM: geometric-median redundancy (He et al. 2019)", fpgm_importance),
+    "fpgm": Method(
+        "FPGM: geometric-median redundancy, the same ratio per layer (He et al. 2019)",
+        fpgm_importance,
+        global_pruning=False,
+    ),
     "taylor": Method(
         "first-order Taylor of the task loss (Molchanov et al. 2019)",
         taylor_importance,

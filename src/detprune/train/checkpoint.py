@@ -39,11 +39,15 @@ def model_spec(name: str, num_classes: int, overrides: dict[str, Any] | None) ->
     }
 
 
-def example_inputs(spec: dict[str, Any]) -> list[torch.Tensor]:
-    """A fixed batch-1 input for tracing the dependency graph."""
+def example_inputs(spec: dict[str, Any]) -> torch.Tensor:
+    """A fixed batch-1 input (1, 3, S, S) for tracing the dependency graph.
+
+    Registry detectors called with a batched tensor (not a list of images) return their
+    dense head outputs, so the traced graph holds every channel coupling.
+    """
     size = int(spec["kwargs"].get("image_size", MODELS[spec["name"]].image_size))
     gen = torch.Generator().manual_seed(0)
-    return [torch.rand(3, size, size, generator=gen)]
+    return torch.rand(1, 3, size, size, generator=gen)
 
 
 def apply_history(model: nn.Module, spec: dict[str, Any], history: list) -> nn.Module:

@@ -29,13 +29,37 @@ def group_l2_importance(ctx: PruneContext | None = None) -> tp.importance.Import
     return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="mean")
 
 
-def bn_scale_importance(ctx: PruneContext | None = None) -> tp.importance.Importance:
-    """|gamma| of the BatchNorm layers of a group (after L1 sparse training of the scales).
+class SlimImportance(tp.importance.Importance):
+    """|gamma| of the BatchNorm layers of a group, compared across the whole network.
 
     Liu et al., "Learning Efficient Convolutional Networks through Network Slimming",
-    ICCV 2017.
+    ICCV 2017. Detectors also have channels with no BatchNorm behind them (FPN convs,
+    linear box heads); those groups are scored by L1 magnitude rescaled so that its median
+    equals the network's median |gamma|, so one global threshold covers every layer.
     """
-    return tp.importance.BNScaleImportance(normalizer=None)
+
+    def __init__(self, median_gamma: float) -> None:
+        self.bn = tp.importance.BNScaleImportance(normalizer=None)
+        self.l1 = tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)
+        self.median_gamma = median_gamma
+
+    @torch.no_grad()
+    def __call__(self, group: tp.Group) -> torch.Tensor | None:
+        scores = self.bn(group)
+        if scores is not None:
+            return scores
+        scores = self.l1(group)
+        if scores is None:
+            return None
+        return scores / scores.median().clamp_min(1e-12) * self.median_gamma
+
+
+def bn_scale_importance(ctx: PruneContext) -> tp.importance.Importance:
+    """Network Slimming's |gamma| criterion (see :class:`SlimImportance`)."""
+    gammas = [m.weight.detach().abs().flatten() for m in ctx.model.modules()
+              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine]
+    median = float(torch.cat(gammas).median()) if gammas else 1.0
+    return SlimImportance(median)
 
 
 def fpgm_importance(ctx: PruneContext | None = None) -> tp.importance.Importance:
