@@ -25,7 +25,7 @@ class SparsityContext:
 
     options: dict[str, Any]
     ignored: list[str]
-    example: list[torch.Tensor]
+    example: torch.Tensor
 
 
 def _prunable_bns(model: nn.Module, ignored: list[str]) -> list[nn.BatchNorm2d]:
@@ -54,6 +54,72 @@ def bn_l1(model: nn.Module, ctx: SparsityContext) -> GradHook:
     return hook
 
 
+def dynamic_rates(
+    gammas: torch.Tensor,
+    s: float,
+    progress: float,
+    *,
+    switch: float = 0.4,
+    percentile: float = 65.0,
+    factor: float = 0.01,
+) -> torch.Tensor:
+    """The per-channel sparse rate of the dynamic schedule for the scales ``gammas``.
+
+    ``s`` everywhere before ``switch`` (a fraction of the schedule); from then on,
+    channels whose |gamma| is at or above the ``percentile``-th percentile of all the
+    regularized |gamma| get ``factor * s``. ``factor = 1`` or ``switch >= 1`` gives
+    Network Slimming's constant rate.
+    """
+    rates = torch.full_like(gammas, s)
+    if switch < 1 and factor != 1 and progress >= switch and gammas.numel():
+        mags = gammas.detach().abs().float()
+        threshold = torch.quantile(mags, percentile / 100.0)
+        rates[mags >= threshold] = factor * s
+    return rates
+
+
+def bn_l1_dynamic(model: nn.Module, ctx: SparsityContext) -> GradHook:
+    """L1 on BatchNorm scales with a sparse rate that changes with training progress.
+
+    Niu et al., "Group channel pruning and spatial attention distilling for object
+    detection", Applied Intelligence 2022 (arXiv 2306.01526): gamma.grad += r * sign(gamma)
+    with r = s until ``switch`` (0.4) of the schedule, then r = ``factor`` (0.01) * s on
+    the channels whose |gamma| is at or above the ``percentile`` (65th) of all regularized
+    scales (one percentile over every prunable BN, recomputed at each step), so that
+    important channels recover while the rest keep being pushed to zero. ``s`` defaults
+    to 1e-3 (the authors' README). ``factor: 1`` or ``switch: 1`` is Network Slimming.
+    """
+    opts = ctx.options
+    s = float(opts.get("s", 1e-3))
+    switch = float(opts.get("switch", 0.4))
+    percentile = float(opts.get("percentile", 65.0))
+    factor = float(opts.get("factor", 0.01))
+    if not 0 <= percentile <= 100:
+        raise ValueError(
+            f"sparse.regularizers.bn_l1_dynamic.percentile: {percentile} not in 0..100"
+        )
+    bns = _prunable_bns(model, ctx.ignored)
+    bns = [bn for bn in bns if bn.weight is not None]
+
+    @torch.no_grad()
+    def hook(model: nn.Module, progress: float) -> None:
+        live = [bn for bn in bns if bn.weight.grad is not None]
+        if not live:
+            return
+        gammas = torch.cat([bn.weight.detach().flatten() for bn in live])
+        rates = dynamic_rates(
+            gammas, s, progress, switch=switch, percentile=percentile, factor=factor
+        )
+        start = 0
+        for bn in live:
+            n = bn.weight.numel()
+            rate = rates[start : start + n].view_as(bn.weight).to(bn.weight.grad.dtype)
+            bn.weight.grad.add_(rate * torch.sign(bn.weight))
+            start += n
+
+    return hook
+
+
 def group_l2(model: nn.Module, ctx: SparsityContext) -> GradHook:
     """Group-norm sparsity over coupled channels (torch-pruning's GroupNormPruner).
 
@@ -78,5 +144,6 @@ def group_l2(model: nn.Module, ctx: SparsityContext) -> GradHook:
 
 REGULARIZERS: dict[str, Callable[[nn.Module, SparsityContext], GradHook]] = {
     "bn_l1": bn_l1,
+    "bn_l1_dynamic": bn_l1_dynamic,
     "group_l2": group_l2,
 }
