@@ -34,9 +34,7 @@ def validate(config: Mapping[str, Any], source: str = "<config>") -> None:
         raise ConfigError("\n".join(lines))
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read and validate a YAML config file."""
-    p = Path(path)
+def _read(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file does not exist")
     try:
@@ -45,6 +43,25 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a YAML config file.
+
+    A file with ``extends: <path>`` (relative to the working directory, as Snakemake
+    reads it) is merged recursively over that base config, the way Snakemake merges
+    ``--configfile`` over the Snakefile's default config.
+    """
+    p = Path(path)
+    config = _read(p)
+    chain = [str(p)]
+    while "extends" in config:
+        base_path = Path(config.pop("extends"))
+        if str(base_path) in chain:
+            raise ConfigError(f"{p}: field 'extends' makes a cycle: {chain}")
+        chain.append(str(base_path))
+        config = deep_merge(_read(base_path), config)
     validate(config, str(p))
     return config
 

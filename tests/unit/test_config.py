@@ -44,3 +44,31 @@ def test_finetune_schedule_is_keyed_by_method(default_config):
     assert (
         finetune_schedule(cfg, "other")["epochs"] == default_config["finetune"]["default"]["epochs"]
     )
+
+
+def test_extends_merges_over_the_base_like_snakemake(tmp_path: Path, root):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {root / 'config/config.yaml'}\nresults: out\n"
+                     "prune:\n  methods: [l1, slim]\n")
+    cfg = load_config(child)
+    base = load_config(root / "config/config.yaml")
+    assert cfg["results"] == "out" and cfg["prune"]["methods"] == ["l1", "slim"]
+    assert cfg["prune"]["flops_targets"] == base["prune"]["flops_targets"]  # kept from base
+    assert cfg["train"] == base["train"]
+
+
+def test_extends_cycle_is_reported(tmp_path: Path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"extends: {b}\n")
+    b.write_text(f"extends: {a}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+
+
+@pytest.mark.parametrize("name", ["miep", "lcp", "gcp"])
+def test_method_family_configs_validate_and_name_registered_methods(root, name):
+    from detprune.pruning.methods import METHODS
+
+    cfg = load_config(root / "config" / f"{name}.yaml")
+    assert cfg["results"] == f"results/{name}"
+    assert set(cfg["prune"]["methods"]) <= set(METHODS)

@@ -1,8 +1,11 @@
 # Shared helpers: paths and command templates come from detprune.workflow, the same
 # source dvc.yaml is generated from.
+import os
+
 from detprune import workflow as W
 
-CONFIG_PATH = workflow.configfiles[-1] if workflow.configfiles else "config/config.yaml"
+# The file the CLI stages read: the last --configfile given, else the default.
+CONFIG_PATH = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
 THREADS = config["threads"]
 DATA = W.dataset_paths(config)
 
