@@ -37,7 +37,10 @@ TINY = {
     },
     "model": {"kwargs": {"image_size": 64}},
     "train": {"epochs": 1, "batch_size": 4, "warmup_iters": 1, "max_iters_per_epoch": 2},
-    "prune": {"flops_targets": [0.5]},
+    "prune": {"methods": ["l1", "slim"], "flops_targets": [0.5]},
+    "sparse": {
+        "schedule": {"epochs": 1, "batch_size": 4, "warmup_iters": 0, "max_iters_per_epoch": 2}
+    },
     "finetune": {
         "default": {"epochs": 1, "batch_size": 4, "warmup_iters": 1, "max_iters_per_epoch": 2}
     },

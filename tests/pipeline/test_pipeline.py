@@ -52,10 +52,12 @@ def test_snakemake_runs_the_whole_dag(snakemake_run):
     proj, _ = snakemake_run
     res = proj / "results"
     table = pd.read_csv(res / "tables" / "tiny.csv")
-    assert list(table["method"]) == ["baseline", "l1"]
-    assert table.loc[1, "flops_target (%)"] == pytest.approx(50)
-    assert abs(table.loc[1, "flops_kept (%)"] - 50) <= 1.0  # within 2% of the target
-    assert table.loc[1, "params (M)"] < table.loc[0, "params (M)"]
+    assert list(table["method"]) == ["baseline", "l1", "slim"]
+    for row in (1, 2):
+        assert table.loc[row, "flops_target (%)"] == pytest.approx(50)
+        assert abs(table.loc[row, "flops_kept (%)"] - 50) <= 1.0  # within 2% of the target
+        assert table.loc[row, "params (M)"] < table.loc[0, "params (M)"]
+    assert (res / "models" / "sparse" / "bn_l1.pt").is_file()  # slim's own cached stage
     for name in ("tiny.md", "tiny.tex", "tiny_summary.json"):
         assert (res / "tables" / name).stat().st_size > 0
     for name in ("tiny_map_vs_flops.png", "tiny_channels_per_layer.png"):
@@ -85,7 +87,7 @@ def test_dvc_repro_runs_the_same_stages_with_identical_metrics(
     _run([str(BIN / "dvc"), "repro"], proj)
     status = _run([str(BIN / "dvc"), "status"], proj)
     assert "up to date" in status.stdout
-    for rel in ("metrics/baseline.json", "metrics/l1/flops50.json"):
+    for rel in ("metrics/baseline.json", "metrics/l1/flops50.json", "metrics/slim/flops50.json"):
         a = json.loads((smk_proj / "results" / rel).read_text())
         b = json.loads((proj / "results" / rel).read_text())
         assert a["metrics"] == b["metrics"], rel  # same seed, same CPU: identical metrics
