@@ -48,8 +48,9 @@ def test_finetune_schedule_is_keyed_by_method(default_config):
 
 def test_extends_merges_over_the_base_like_snakemake(tmp_path: Path, root):
     child = tmp_path / "child.yaml"
-    child.write_text(f"extends: {root / 'config/config.yaml'}\nresults: out\n"
-                     "prune:\n  methods: [l1, slim]\n")
+    child.write_text(
+        f"extends: {root / 'config/config.yaml'}\nresults: out\nprune:\n  methods: [l1, slim]\n"
+    )
     cfg = load_config(child)
     base = load_config(root / "config/config.yaml")
     assert cfg["results"] == "out" and cfg["prune"]["methods"] == ["l1", "slim"]
