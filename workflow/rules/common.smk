@@ -18,10 +18,8 @@ wildcard_constraints:
 
 def P(key, **fields):
     """A path pattern of kind `key` (wildcards left as {name})."""
-    fields = {k: v for k, v in fields.items()}
-    for name in ("method", "pct", "split"):
-        fields.setdefault(name, "{" + name + "}")
-    return W.PATHS[key].format(results=config["results"], **fields)
+    wildcards = {name: f"{{{name}}}" for name in ("method", "pct", "split")}
+    return W.PATHS[key].format(results=config["results"], **{**wildcards, **fields})
 
 
 def log_path(stage):
@@ -51,6 +49,11 @@ def get_split_data(wildcards):
 
 def get_flops(wildcards):
     return float(wildcards.pct) / 100
+
+
+def out_dir(name):
+    """A params function: the folder of output ``name`` (for --out-dir style options)."""
+    return lambda wildcards, output: os.path.dirname(output[name])
 
 
 def get_final_outputs():

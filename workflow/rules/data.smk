@@ -6,7 +6,7 @@ rule synth_data:
         val_images=directory(W.dataset_paths({**config, "data": {"source": "synth"}})["val_images"]),
     params:
         config=CONFIG_PATH,
-        out_dir=P("synth"),
+        out_dir=out_dir("train_ann"),
         digest=get_params("synth"),
     log:
         log_path("synth"),
@@ -17,6 +17,8 @@ rule synth_data:
         mem_mb=2000,
         runtime=10,
         gpu=0,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["synth"]
 
@@ -35,5 +37,7 @@ rule check_data:
         mem_mb=2000,
         runtime=30,
         gpu=0,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["check"]

@@ -18,6 +18,8 @@ rule evaluate_baseline:
         mem_mb=4000,
         runtime=60,
         gpu=1,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["evaluate"]
 
@@ -42,5 +44,7 @@ rule evaluate_pruned:
         mem_mb=4000,
         runtime=60,
         gpu=1,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["evaluate"]

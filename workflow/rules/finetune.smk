@@ -18,5 +18,7 @@ rule finetune:
         mem_mb=8000,
         runtime=24 * 60,
         gpu=1,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["finetune"]

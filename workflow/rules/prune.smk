@@ -19,5 +19,7 @@ rule prune:
         mem_mb=8000,
         runtime=6 * 60,
         gpu=1,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["prune"]

@@ -18,8 +18,8 @@ rule make_report:
         ),
     params:
         config=CONFIG_PATH,
-        tables_dir=f"{config['results']}/tables",
-        figures_dir=f"{config['results']}/figures",
+        tables_dir=out_dir("csv"),
+        figures_dir=out_dir("map_vs_flops"),
         digest=get_params("report"),
     log:
         log_path("report"),
@@ -30,5 +30,7 @@ rule make_report:
         mem_mb=2000,
         runtime=10,
         gpu=0,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["report"]

@@ -19,5 +19,7 @@ rule sparse_train:
         mem_mb=8000,
         runtime=24 * 60,
         gpu=1,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["sparse"]

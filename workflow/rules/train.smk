@@ -16,5 +16,7 @@ rule train_baseline:
         mem_mb=8000,
         runtime=24 * 60,
         gpu=1,
+    conda:
+        "../envs/detprune.yaml"
     shell:
         W.COMMANDS["train"]
