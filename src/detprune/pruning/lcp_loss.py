@@ -1,7 +1,134 @@
-"""LCP's auxiliary-network loss added during fine-tuning."""
+"""LCP's auxiliary-network loss added during fine-tuning.
+
+Chen et al., "Localization-aware Channel Pruning for Object Detection", Neurocomputing
+2020: the pruned detector is fine-tuned with ``L_a`` (contextual-RoIAlign classification
++ m-weighted GIoU regression of an auxiliary network) added to its own losses.
+
+The auxiliary head sits on the student's deepest ``aux_features`` entry and is trained
+jointly, but it is not part of the model (the checkpoint keeps the registry
+architecture): the hook owns the head and a small SGD optimizer of its own. The term
+``loss_lcp_aux`` returned to the engine carries the gradient into the model; the same
+backward fills the head's gradients, and the hook steps the head's optimizer at the start
+of the *next* call (one step behind the model; the last batch's step is dropped). The
+head is created at the first call, with the feature's channel count, and is not saved.
+
+Options (``finetune.methods.lcp.distill_options``): ``weight`` of ``L_a`` (1.0), ``lr``
+(0.01), ``momentum`` (0.9), ``weight_decay`` (1e-4), ``m`` (``iou`` or a number), and the
+head/box settings of :data:`detprune.pruning.importance.dcp.DEFAULTS`.
+"""
 
 from __future__ import annotations
 
-from detprune.train.distill_base import DistillFactory
+from typing import Any
 
-LCP_LOSSES: dict[str, DistillFactory] = {}
+import torch
+from torch import nn
+
+from detprune.models import MODELS
+from detprune.pruning.aux_net import AuxHead, aux_loss, model_targets
+from detprune.pruning.importance.dcp import DEFAULTS as PRUNE_DEFAULTS
+from detprune.train.distill_base import DistillFactory, LossHook
+
+DEFAULTS: dict[str, Any] = {
+    "weight": 1.0,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "seed": 0,
+    **{
+        k: PRUNE_DEFAULTS[k]
+        for k in (
+            "m",
+            "aux_channels",
+            "roi_size",
+            "anchor_scales",
+            "anchor_ratios",
+            "max_pos",
+            "neg_ratio",
+        )
+    },
+}
+
+
+class LCPAuxLoss:
+    """Loss hook adding LCP's ``L_a`` on the deepest auxiliary feature as ``loss_lcp_aux``."""
+
+    def __init__(self, student: nn.Module, spec: dict[str, Any], options: dict[str, Any]):
+        entry = MODELS[spec["name"]]
+        if not entry.aux_features:
+            raise ValueError(f"lcp: detector {spec['name']!r} declares no aux_features")
+        self.path, self.stride = entry.aux_features[-1]
+        self.num_classes = int(spec["num_classes"])
+        self.opts = {**DEFAULTS, **options}
+        self.head: AuxHead | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.feature: torch.Tensor | None = None
+        self.generator = torch.Generator().manual_seed(int(self.opts["seed"]))
+        self.handle = student.get_submodule(self.path).register_forward_hook(self._grab)
+
+    def _grab(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self.feature = out
+
+    def _build(self, feature: torch.Tensor) -> None:
+        o = self.opts
+        self.head = AuxHead(
+            feature.shape[1],
+            self.num_classes,
+            self.stride,
+            context=True,
+            regress=True,
+            channels=int(o["aux_channels"]),
+            roi_size=int(o["roi_size"]),
+        ).to(feature.device)
+        self.optimizer = torch.optim.SGD(
+            self.head.parameters(),
+            lr=float(o["lr"]),
+            momentum=float(o["momentum"]),
+            weight_decay=float(o["weight_decay"]),
+        )
+
+    def step_head(self) -> None:
+        """Apply the gradients the previous backward left on the head, then clear them."""
+        if self.head is None or self.optimizer is None:
+            return
+        if any(p.grad is not None for p in self.head.parameters()):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(
+        self, model: nn.Module, images: list, targets: list, losses: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        if self.feature is None:
+            raise RuntimeError(f"lcp: {self.path} did not run in the forward pass")
+        if self.head is None:
+            self._build(self.feature)
+        else:
+            self.step_head()
+        assert self.head is not None
+        self.head.train(model.training)
+        o = self.opts
+        terms = aux_loss(
+            self.head,
+            self.feature,
+            model_targets(model, images, targets),
+            self.generator,
+            m=o["m"] if o["m"] == "iou" else float(o["m"]),
+            scales=tuple(o["anchor_scales"]),
+            ratios=tuple(o["anchor_ratios"]),
+            max_pos=int(o["max_pos"]),
+            neg_ratio=float(o["neg_ratio"]),
+        )
+        self.feature = None
+        out = dict(losses)
+        out["loss_lcp_aux"] = float(o["weight"]) * sum(terms.values())
+        return out
+
+
+def lcp_aux_loss(
+    student: nn.Module, teacher: nn.Module, spec: dict[str, Any], options: dict[str, Any]
+) -> LossHook:
+    """LCP fine-tuning: ``L_a`` of a jointly trained auxiliary head (no teacher needed)."""
+    return LCPAuxLoss(student, spec, options)
+
+
+LCP_LOSSES: dict[str, DistillFactory] = {"lcp": lcp_aux_loss}

@@ -1,7 +1,226 @@
-"""DCP and LCP methods."""
+"""DCP's channel-selection criterion, and the ``dcp`` and ``lcp`` methods.
+
+Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks", NeurIPS
+2018 (DCP); Chen et al., "Localization-aware Channel Pruning for Object Detection",
+Neurocomputing 2020 (LCP).
+
+A channel is kept or removed for a whole torch-pruning group; the layers reading the
+group's channels (its *consumers*: the next conv, or every layer after a residual sum)
+are the layers whose input channels DCP selects. Given a loss ``L`` of the consumers'
+weights (reconstruction + auxiliary loss, see :mod:`detprune.pruning.dcp`), selection
+starts from no channel and repeatedly adds the channels with the largest
+``||dL/dW_k||_F^2`` (summed over the consumers' input slices ``W_k``), then takes SGD
+steps on the selected weights, until the budget.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
 from detprune.pruning.base import Method
 
-DCP_METHODS: dict[str, Method] = {}
+if TYPE_CHECKING:
+    from detprune.pruning.core import PruneContext, PruneResult
+
+LossFn = Callable[[int], torch.Tensor]
+
+DEFAULTS: dict[str, Any] = {
+    "mse_weight": 1.0,  # DCP's code: weight of the reconstruction error
+    "alpha": 1.0,  # DCP's code: weight of the auxiliary loss
+    "num_aux_losses": 3,  # DCP's code: auxiliary losses (the last stage uses the task loss)
+    "layer_lr": 0.01,  # DCP's code: lr of the layer-wise SGD on the selected weights
+    "m": "iou",  # LCP's GIoU weight: IoU(B, A), or a number
+    "allocation": "l1",  # METHODS entry whose FLOPs allocation gives the channel budgets
+    "batches": 2,  # calibration batches for the selection
+    "select_steps": 4,  # greedy rounds per group (>= budget: one channel per round)
+    "sgd_iters": 2,  # SGD steps on the selected weights after each round
+    "aux_batches": 4,  # batches the auxiliary heads are trained on
+    "aux_iters": 60,  # SGD steps training each stage's auxiliary head first
+    "aux_lr": 0.05,
+    "aux_channels": 64,
+    "roi_size": 3,
+    "anchor_scales": [2.0, 4.0, 8.0],
+    "anchor_ratios": [0.5, 1.0, 2.0],
+    "max_pos": 32,  # positive default boxes sampled per image
+    "neg_ratio": 3.0,  # negatives per positive (random, not hard-mined)
+}
+
+
+@dataclass
+class Consumer:
+    """A layer reading a group's channels: which weight slices along ``dim`` belong to
+    which group channel (``owner``, -1 for slices of other channels). ``scored`` consumers
+    rank the channels and take SGD steps; the others (auxiliary heads) are only masked."""
+
+    name: str
+    module: nn.Module
+    dim: int
+    owner: torch.Tensor
+    scored: bool = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def slots(self, channels: torch.Tensor) -> torch.Tensor:
+        """Boolean mask (broadcastable to the weight) of the slices of ``channels``."""
+        owner = self.owner.to(channels.device)
+        m = (owner >= 0) & channels[owner.clamp(min=0)]
+        shape = [1] * self.weight.ndim
+        shape[self.dim] = -1
+        return m.view(shape).to(self.weight.device)
+
+    def slot_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """1 for the slices of kept channels (and of other channels), 0 for the others."""
+        return (~self.slots(~keep)).to(self.weight.dtype)
+
+    def channel_scores(self, n: int) -> torch.Tensor:
+        """``||dL/dW_k||_F^2`` of each of the group's ``n`` channels, from ``weight.grad``."""
+        g = self.weight.grad
+        if g is None:
+            return torch.zeros(n)
+        dims = [d for d in range(g.ndim) if d != self.dim]
+        per_slot = g.detach().pow(2).sum(dim=dims).cpu()
+        valid = self.owner >= 0
+        return torch.zeros(n).index_add_(0, self.owner[valid], per_slot[valid])
+
+
+def consumer_of(
+    name: str, module: nn.Module, idxs: Sequence[int], root_idxs: Sequence[int]
+) -> Consumer | None:
+    """A :class:`Consumer` for input slices ``idxs`` (group channels ``root_idxs``) of a
+    conv or linear layer; ``None`` for other layers. Auxiliary heads (``_dcp_aux``) are
+    masked, not scored."""
+    if isinstance(module, nn.Linear):
+        dim = 1
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        if module.groups > 1 and not depthwise:
+            raise NotImplementedError(f"{name}: grouped convolutions are not supported")
+        dim = 0 if (module.transposed or depthwise) else 1
+    else:
+        return None
+    owner = torch.full((module.weight.shape[dim],), -1, dtype=torch.long)
+    owner[torch.as_tensor(list(idxs), dtype=torch.long)] = torch.as_tensor(
+        list(root_idxs), dtype=torch.long
+    )
+    return Consumer(name, module, dim, owner, scored=not name.startswith("_dcp_aux"))
+
+
+def apply_masks(consumers: Sequence[Consumer], keep: torch.Tensor) -> None:
+    """Zero the input slices of the channels not in ``keep``."""
+    with torch.no_grad():
+        for c in consumers:
+            c.weight.mul_(c.slot_mask(keep))
+
+
+def _zero_grads(consumers: Sequence[Consumer]) -> None:
+    for c in consumers:
+        c.weight.grad = None
+
+
+def make_optimizer(consumers: Sequence[Consumer], lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 over the scored consumers' weights (DCP's layer-wise step)."""
+    return torch.optim.SGD([c.weight for c in consumers if c.scored], lr=lr, momentum=0.9)
+
+
+def fit_selected(
+    consumers: Sequence[Consumer],
+    keep: torch.Tensor,
+    loss_fn: LossFn,
+    n_batches: int,
+    iters: int,
+    optimizer: torch.optim.Optimizer,
+    start: int = 0,
+) -> float:
+    """``iters`` SGD steps on the selected input weights of the scored consumers (the
+    other slices stay zero), batch ``(start + i) % n_batches`` at step ``i``. Returns the
+    last loss."""
+    last = float("nan")
+    for it in range(iters):
+        _zero_grads(consumers)
+        loss = loss_fn((start + it) % n_batches)
+        loss.backward()
+        last = float(loss.detach())
+        with torch.no_grad():
+            for c in consumers:
+                if c.scored and c.weight.grad is not None:
+                    c.weight.grad.mul_(c.slot_mask(keep))
+        optimizer.step()
+        apply_masks(consumers, keep)
+    _zero_grads(consumers)
+    return last
+
+
+def greedy_select(
+    consumers: Sequence[Consumer],
+    n: int,
+    budget: int,
+    loss_fn: LossFn,
+    n_batches: int,
+    *,
+    steps: int = 4,
+    sgd_iters: int = 2,
+    lr: float = 0.01,
+) -> tuple[torch.Tensor, float]:
+    """DCP's greedy selection of ``budget`` of a group's ``n`` channels.
+
+    All input slices of the group start at zero. Each round sums ``||dL/dW_k||_F^2`` over
+    the scored consumers and ``n_batches`` batches, adds the ``ceil(budget / steps)`` best
+    unselected channels (``steps >= budget``: one per round, as in the paper), restores
+    their baseline weights (a warm start: only a few SGD steps are affordable) and takes
+    ``sgd_iters`` SGD steps on the selected weights. Returns the kept channel indices
+    (sorted) and the last loss.
+    """
+    originals = [c.weight.detach().clone() for c in consumers]
+    keep = torch.zeros(n, dtype=torch.bool)
+    apply_masks(consumers, keep)
+    optimizer = make_optimizer(consumers, lr)
+    per_round = max(1, math.ceil(budget / max(steps, 1)))
+    last, done = float("nan"), 0
+    while int(keep.sum()) < budget:
+        _zero_grads(consumers)
+        for b in range(n_batches):
+            loss_fn(b).backward()
+        score = sum((c.channel_scores(n) for c in consumers if c.scored), torch.zeros(n))
+        score[keep] = -math.inf
+        new = torch.zeros(n, dtype=torch.bool)
+        new[torch.topk(score, min(per_round, budget - int(keep.sum()))).indices] = True
+        keep |= new
+        with torch.no_grad():
+            for c, w0 in zip(consumers, originals, strict=True):
+                c.weight.copy_(torch.where(c.slots(new), w0, c.weight))
+        last = fit_selected(consumers, keep, loss_fn, n_batches, sgd_iters, optimizer, done)
+        done += sgd_iters
+    _zero_grads(consumers)
+    return torch.nonzero(keep).flatten(), last
+
+
+def _stagewise(head: str, ctx: PruneContext, method: Method, target: float) -> PruneResult:
+    from detprune.pruning.dcp import stagewise  # the procedure imports this module
+
+    return stagewise(ctx, method, target, head=head)
+
+
+DCP_METHODS: dict[str, Method] = {
+    "dcp": Method(
+        "DCP: stage-wise discrimination-aware channel selection, classification aux net "
+        "(Zhuang et al. 2018)",
+        procedure=functools.partial(_stagewise, "dcp"),
+        family="dcp",
+    ),
+    "lcp": Method(
+        "LCP: DCP with a localization-aware aux net (contextual RoIAlign, GIoU), "
+        "fine-tuned with its loss (Chen et al. 2020)",
+        procedure=functools.partial(_stagewise, "lcp"),
+        distill="lcp",
+        family="dcp",
+    ),
+}

@@ -1,0 +1,394 @@
+"""DCP's stage-wise procedure, with DCP's or LCP's auxiliary network.
+
+Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks", NeurIPS
+2018; Chen et al., "Localization-aware Channel Pruning for Object Detection",
+Neurocomputing 2020.
+
+1. Budgets: the ``allocation`` criterion (default ``l1``) is pruned to the FLOPs target on
+   a copy (:func:`~detprune.pruning.core.prune_to_flops`); its per-layer widths are the
+   channel budgets, so DCP and LCP sit at the FLOPs of the other rows. DCP/LCP then choose
+   *which* channels each group keeps.
+2. Stages: ``num_aux_losses`` of the registry's ``aux_features`` (evenly spaced) carry an
+   auxiliary head; the layers after the last one form the final stage, whose auxiliary
+   loss is the detector's own loss. A group belongs to the stage of its first consumer.
+3. Stage by stage, shallow to deep: train the stage's auxiliary head on the current
+   features (model frozen), then for each group in forward order minimise
+   ``mse_weight * L_re + alpha * L_aux`` by greedy selection and SGD
+   (:func:`~detprune.pruning.importance.dcp.greedy_select`), and remove the unselected
+   channels through the torch-pruning group (masked slices are zero, so this changes
+   nothing). ``L_re`` compares each consumer's output with the unpruned model's output
+   of that layer; for per-RoI layers (whose RoIs differ between the two models) with the
+   layer's own output before pruning, on the same input.
+
+The auxiliary heads are attached to the model only while it is pruned (``_dcp_aux``),
+traced into the dependency graph, so their input channels follow the pruning; they are
+removed before the model is returned and never appear in the pruning history.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from detprune.pruning.aux_net import (
+    AuxHead,
+    aux_loss,
+    aux_positions,
+    capture,
+    forward_order,
+    model_targets,
+    run_until,
+    stage_of,
+)
+from detprune.pruning.core import PruneContext, PruneResult, make_report, prune_to_flops
+from detprune.pruning.importance.dcp import DEFAULTS, consumer_of, greedy_select
+
+if TYPE_CHECKING:
+    from detprune.pruning.base import Method
+
+log = logging.getLogger("detprune.prune.dcp")
+AUX = "_dcp_aux"
+
+
+def _allocate(ctx: PruneContext, target: float, opts: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer widths at the FLOPs target from the ``allocation`` criterion."""
+    from detprune.pruning.core import accumulate_gradients
+    from detprune.pruning.methods import get_method
+
+    alloc = get_method(str(opts["allocation"]))
+    if alloc.importance is None or alloc.sparsity:
+        raise ValueError(
+            f"prune.options: allocation {opts['allocation']!r} must be a one-shot criterion "
+            "without sparse training (e.g. l1, uniform, fpgm, taylor)"
+        )
+    if alloc.needs_gradients:
+        accumulate_gradients(ctx.model, ctx.batches(), int(opts.get("calib_batches", 8)))
+    return prune_to_flops(
+        ctx.model,
+        importance=alloc.importance(ctx),
+        target=target,
+        example=ctx.example,
+        ignored=ctx.ignored,
+        macs_fn=ctx.macs_fn,
+        global_pruning=bool(opts.get("global_pruning", True)) and alloc.global_pruning,
+        max_layer_ratio=float(opts.get("max_layer_ratio", 0.9)),
+        round_to=opts.get("round_to"),
+        tolerance=float(opts.get("tolerance", 0.02)),
+    ).report
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return x.to(device) if torch.is_tensor(x) else [t.to(device) for t in x]
+
+
+def _bn_frozen_train(model: nn.Module) -> None:
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def reference_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's output for input ``x`` with ``weight`` in place of its own."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, module.bias)
+    return module._conv_forward(x, weight, module.bias)
+
+
+def _per_roi(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _slice_out(name: str, module: nn.Module, t: torch.Tensor, kept: dict) -> torch.Tensor:
+    if name not in kept:
+        return t
+    dim = -1 if isinstance(module, nn.Linear) else 1
+    return t.index_select(dim, kept[name].to(t.device))
+
+
+class _Run:
+    """The state of one stage-wise pruning run."""
+
+    def __init__(self, ctx: PruneContext, opts: dict[str, Any], head: str) -> None:
+        self.ctx, self.opts, self.dev = ctx, opts, ctx.device
+        self.student = copy.deepcopy(ctx.model).to(self.dev).eval()
+        teacher = ctx.teacher if ctx.teacher is not None else ctx.model
+        if next(teacher.parameters()).device != self.dev:
+            teacher = copy.deepcopy(teacher).to(self.dev)
+        self.teacher = teacher.eval()
+        self.example = _to(ctx.example, self.dev)
+        self.order, self.calls = forward_order(self.student, self.example)
+        cands = list(ctx.entry.aux_features)
+        self.aux = [cands[i] for i in aux_positions(len(cands), int(opts["num_aux_losses"]))]
+        self.aux_ends = [self.order[p] for p, _ in self.aux]
+        n_cal = max(int(opts["batches"]), int(opts["aux_batches"]))
+        self.batches = list(islice(ctx.batches(), n_cal))
+        self.targets = [model_targets(self.student, im, t) for im, t in self.batches]
+        with torch.no_grad(), capture(self.student, [p for p, _ in self.aux]) as st:
+            self.student(self.example)
+        lcp = head == "lcp"
+        heads = [
+            AuxHead(
+                st[p][-1].shape[1],
+                int(ctx.spec["num_classes"]),
+                stride,
+                context=lcp,
+                regress=lcp,
+                channels=int(opts["aux_channels"]),
+                roi_size=int(opts["roi_size"]),
+            )
+            for p, stride in self.aux
+        ]
+        self.heads = nn.ModuleList(heads).to(self.dev)
+        self.student.add_module(AUX, self.heads)
+        self.dg = tp.DependencyGraph().build_dependency(
+            self.student, example_inputs=(self.example,), forward_fn=self._trace
+        )
+        self.kept_out: dict[str, torch.Tensor] = {}
+        self.records: list[dict[str, Any]] = []
+
+    def _trace(self, model: nn.Module, inputs: tuple) -> tuple:
+        with capture(model, [p for p, _ in self.aux]) as st:
+            out = model(*inputs)
+        return out, [h.proj(st[p][-1]) for h, (p, _) in zip(self.heads, self.aux, strict=True)]
+
+    def gen(self, key: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self.ctx.seed) * 100003 + key)
+
+    def aux_terms(self, s: int, feature: torch.Tensor, b: int, key: int) -> torch.Tensor:
+        o = self.opts
+        losses = aux_loss(
+            self.heads[s],
+            feature,
+            self.targets[b],
+            self.gen(key),
+            m=o["m"] if o["m"] == "iou" else float(o["m"]),
+            scales=tuple(o["anchor_scales"]),
+            ratios=tuple(o["anchor_ratios"]),
+            max_pos=int(o["max_pos"]),
+            neg_ratio=float(o["neg_ratio"]),
+        )
+        return sum(losses.values())
+
+    def train_head(self, s: int) -> float:
+        """Train stage ``s``'s auxiliary head on the current (frozen) features."""
+        path = self.aux[s][0]
+        feats = []
+        self.student.eval()
+        for images, _ in self.batches[: int(self.opts["aux_batches"])]:
+            with torch.no_grad(), capture(self.student, [path], stop=path) as st:
+                run_until(lambda images=images: self.student(images))
+            feats.append(st[path][0])
+        head = self.heads[s]
+        for p in head.parameters():
+            p.requires_grad_(True)
+        head.train()
+        opt = torch.optim.SGD(
+            head.parameters(), lr=float(self.opts["aux_lr"]), momentum=0.9, weight_decay=1e-4
+        )
+        last = float("nan")
+        for it in range(int(self.opts["aux_iters"])):
+            b = it % len(feats)
+            loss = self.aux_terms(s, feats[b], b, 1000 + it)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last = float(loss.detach())
+        head.eval()
+        for p in head.parameters():
+            p.requires_grad_(False)
+        return last
+
+    def plan(self, widths: dict[str, list[int]]) -> list[dict[str, Any]]:
+        """The groups to prune with their budget, stage and forward position."""
+        names = self.dg._module2name
+        ignored = [self.student.get_submodule(n) for n in self.ctx.ignored]
+        ignored += [h.proj[0] for h in self.heads]
+        plans = []
+        for group in self.dg.get_all_groups(ignored_layers=ignored):
+            root = group[0].dep.target.module
+            n = len(group[0].idxs)
+            outs = [
+                names[it.dep.target.module]
+                for it in group
+                if self.dg.is_out_channel_pruning_fn(it.dep.handler)
+                and names.get(it.dep.target.module) in widths
+            ]
+            if not outs or widths[outs[0]][0] >= n:
+                continue
+            pos = [
+                self.order[names[it.dep.target.module]]
+                for it in group
+                if self.dg.is_in_channel_pruning_fn(it.dep.handler)
+                and isinstance(it.dep.target.module, (nn.Linear, nn.modules.conv._ConvNd))
+                and names.get(it.dep.target.module, AUX).split(".")[0] != AUX
+                and names.get(it.dep.target.module) in self.order
+            ]
+            first = min(pos) if pos else max(self.order.values()) + 1
+            plans.append(
+                {
+                    "root": names[root],
+                    "module": root,
+                    "handler": group[0].dep.handler,
+                    "n": n,
+                    "budget": max(1, int(widths[outs[0]][0])),
+                    "stage": stage_of(first, self.aux_ends),
+                    "first": first,
+                }
+            )
+        return sorted(plans, key=lambda p: (p["stage"], p["first"]))
+
+    def _teacher_outputs(self, names: list[str], n_batches: int) -> list[dict]:
+        if not names:
+            return [{} for _ in range(n_batches)]
+        stop = max(names, key=lambda n: self.order.get(n, 0))
+        outs = []
+        for images, _ in self.batches[:n_batches]:
+            calls = self.calls.get(stop, 1)
+            with torch.no_grad(), capture(self.teacher, names, (), stop, calls) as st:
+                run_until(lambda images=images: self.teacher(images))
+            outs.append(
+                {
+                    n: [_slice_out(n, self.teacher.get_submodule(n), t, self.kept_out) for t in ts]
+                    for n, ts in st.items()
+                }
+            )
+        return outs
+
+    def prune_group(self, plan: dict[str, Any]) -> None:
+        """Select, fit and remove the channels of one group."""
+        t0 = time.perf_counter()
+        o = self.opts
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        group = self.dg.get_pruning_group(plan["module"], plan["handler"], list(range(plan["n"])))
+        names = self.dg._module2name
+        consumers = []
+        for it in group:
+            if self.dg.is_in_channel_pruning_fn(it.dep.handler):
+                mod = it.dep.target.module
+                c = consumer_of(names.get(mod, ""), mod, it.idxs, it.root_idxs)
+                if c is not None:
+                    consumers.append(c)
+        scored = [c for c in consumers if c.scored]
+        for c in scored:
+            c.weight.requires_grad_(True)
+        per_roi = [c for c in scored if _per_roi(c.name, self.ctx.entry.per_roi_modules)]
+        spatial = [c.name for c in scored if c not in per_roi]
+        snap = {c.name: c.weight.detach().clone() for c in per_roi}
+        n_batches = int(o["batches"])
+        teacher = self._teacher_outputs(spatial, n_batches)
+        s = plan["stage"]
+        final = s == len(self.aux)
+        watch = [c.name for c in scored] + ([] if final else [self.aux[s][0]])
+        stop = None if final else max(watch, key=lambda n: self.order.get(n, 0))
+
+        def loss_fn(b: int) -> torch.Tensor:
+            images, targets = self.batches[b]
+            outs = [c.name for c in scored] + ([] if final else [self.aux[s][0]])
+            ins = [c.name for c in per_roi]
+            with capture(self.student, outs, ins, stop, self.calls.get(stop, 1)) as st:
+                if final:
+                    _bn_frozen_train(self.student)
+                    l_aux = sum(self.student(images, targets).values())
+                else:
+                    self.student.eval()
+                    run_until(lambda: self.student(images))
+                    l_aux = self.aux_terms(s, st[self.aux[s][0]][0], b, b)
+            self.student.eval()
+            l_re = torch.zeros((), device=self.dev)
+            for name in spatial:
+                for y, f in zip(st[name], teacher[b][name], strict=True):
+                    l_re = l_re + F.mse_loss(y, f)
+            for c in per_roi:
+                for y, x in zip(st[c.name], st[f"{c.name}:in"], strict=True):
+                    l_re = l_re + F.mse_loss(
+                        y, reference_output(c.module, x.detach(), snap[c.name])
+                    )
+            return float(o["mse_weight"]) * l_re + float(o["alpha"]) * l_aux
+
+        keep, last = greedy_select(
+            consumers,
+            plan["n"],
+            plan["budget"],
+            loss_fn,
+            n_batches,
+            steps=int(o["select_steps"]),
+            sgd_iters=int(o["sgd_iters"]),
+            lr=float(o["layer_lr"]),
+        )
+        removed = sorted(set(range(plan["n"])) - set(keep.tolist()))
+        pruning = self.dg.get_pruning_group(plan["module"], plan["handler"], removed)
+        for it in pruning:
+            mod = it.dep.target.module
+            if self.dg.is_out_channel_pruning_fn(it.dep.handler) and isinstance(
+                mod, (nn.Linear, nn.modules.conv._ConvNd)
+            ):
+                name = names[mod]
+                width = mod.weight.shape[1 if getattr(mod, "transposed", False) else 0]
+                mask = torch.ones(width, dtype=torch.bool)
+                mask[torch.as_tensor(list(it.idxs), dtype=torch.long)] = False
+                self.kept_out[name] = self.kept_out.get(name, torch.arange(width))[mask]
+        pruning.prune()
+        self.records.append(
+            {
+                "root": plan["root"],
+                "stage": s,
+                "kept": plan["budget"],
+                "channels": plan["n"],
+                "loss": last,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+        log.info("dcp: %s stage %d kept %d/%d", plan["root"], s, plan["budget"], plan["n"])
+
+
+def stagewise(ctx: PruneContext, method: Method, target: float, *, head: str) -> PruneResult:
+    """Prune ``ctx.model`` to ``target`` of its MACs with DCP (``head="dcp"``) or LCP."""
+    t0 = time.perf_counter()
+    opts = {**DEFAULTS, **ctx.options}
+    alloc = _allocate(ctx, target, opts)
+    t_alloc = time.perf_counter() - t0
+    widths = alloc["layers"]
+    run = _Run(ctx, opts, head)
+    plans = run.plan(widths)
+    aux_loss_end = []
+    for s in range(len(run.aux) + 1):
+        if s < len(run.aux):
+            aux_loss_end.append(run.train_head(s))
+        for plan in (p for p in plans if p["stage"] == s):
+            run.prune_group(plan)
+    student = run.student
+    del student._modules[AUX]
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.eval().cpu()
+    history = [list(h) for h in run.dg.pruning_history()]
+    if any(h[0].split(".")[0] == AUX for h in history):
+        raise RuntimeError("dcp: an auxiliary head entered the pruning history")
+    report = make_report(
+        ctx.model,
+        student,
+        target,
+        alloc["macs_before"],
+        ctx.macs_fn(student),
+        float(opts.get("tolerance", 0.02)),
+        allocation=f"{opts['allocation']} widths ({alloc['allocation']})",
+        dcp={
+            "head": head,
+            "aux_features": [p for p, _ in run.aux],
+            "aux_loss_after_training": aux_loss_end,
+            "groups": run.records,
+            "allocation_seconds": round(t_alloc, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
+    return PruneResult(student, history, report)

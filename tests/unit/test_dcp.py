@@ -1,0 +1,181 @@
+"""DCP: greedy discrimination-aware channel selection, stages, and the detector end to end."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from detprune.data.coco import CocoDetection
+from detprune.data.synth import write_synthetic
+from detprune.evaluation.cost import count_params
+from detprune.models import MODELS, build_model
+from detprune.pruning.aux_net import aux_positions, forward_order, stage_of
+from detprune.pruning.core import PruneContext, macs_counter
+from detprune.pruning.importance.dcp import consumer_of, fit_selected, greedy_select
+from detprune.pruning.methods import METHODS
+from detprune.train import checkpoint
+from detprune.train.engine import make_loader
+
+NAME = "fasterrcnn_narrow_fpn"
+SIZE = 64
+FAST = {"batches": 1, "aux_batches": 1, "aux_iters": 5, "select_steps": 2, "sgd_iters": 1}
+
+
+def _layer_and_loss(inputs: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor):
+    """A conv whose reconstruction loss against ``teacher`` weights drives the selection."""
+    conv = nn.Conv2d(inputs.shape[1], teacher.shape[0], teacher.shape[-1], bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(student)
+        target = nn.functional.conv2d(inputs, teacher)
+    consumer = consumer_of("conv", conv, range(inputs.shape[1]), range(inputs.shape[1]))
+
+    def loss_fn(b: int) -> torch.Tensor:
+        return nn.functional.mse_loss(conv(inputs), target)
+
+    return conv, consumer, loss_fn
+
+
+def test_greedy_selection_takes_the_needed_channel_and_skips_a_zero_channel():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 6, 6, generator=gen)
+    x[:, 0] = 0.0  # channel 0 carries nothing
+    teacher = torch.zeros(2, 4, 1, 1)
+    teacher[:, 2] = torch.tensor([[[1.5]], [[-2.0]]])  # the output needs channel 2 only
+    student = teacher.clone()
+    student[:, 0] = 10.0  # largest weights: a magnitude criterion would keep channel 0
+    student[:, 1] = 0.3
+    student[:, 3] = -0.3
+    conv, consumer, loss_fn = _layer_and_loss(x, teacher, student)
+    kept, loss = greedy_select([consumer], 4, 1, loss_fn, 1, steps=1, sgd_iters=2)
+    assert kept.tolist() == [2]
+    assert loss == pytest.approx(0.0, abs=1e-12)  # warm start from the needed weights
+    assert torch.equal(conv.weight[:, [0, 1, 3]], torch.zeros(2, 3, 1, 1))
+    # one channel per round up to 3 of 4: every channel but the zero one
+    _, consumer, loss_fn = _layer_and_loss(x, teacher, student)
+    kept, _ = greedy_select([consumer], 4, 3, loss_fn, 1, steps=3, sgd_iters=1)
+    assert kept.tolist() == [1, 2, 3]
+
+
+def test_reconstruction_after_selection_beats_random_channels_at_the_same_budget():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 8, 8, 8, generator=gen)
+    teacher = 0.05 * torch.randn(6, 8, 3, 3, generator=gen)
+    teacher[:, [1, 4, 6]] *= 20.0  # three channels carry almost all of the output
+    conv, consumer, loss_fn = _layer_and_loss(x, teacher, teacher.clone())
+    kept, greedy_loss = greedy_select([consumer], 8, 3, loss_fn, 1, steps=3, sgd_iters=4)
+    assert kept.tolist() == [1, 4, 6]
+
+    random_keep = torch.zeros(8, dtype=torch.bool)
+    random_keep[torch.randperm(8, generator=torch.Generator().manual_seed(0))[:3]] = True
+    assert sorted(torch.nonzero(random_keep).flatten().tolist()) != [1, 4, 6]
+    conv, consumer, loss_fn = _layer_and_loss(x, teacher, teacher.clone())
+    with torch.no_grad():
+        conv.weight.mul_(consumer.slot_mask(random_keep))
+    before = float(loss_fn(0).detach())
+    opt = torch.optim.SGD([conv.weight], lr=0.01, momentum=0.9)
+    random_loss = fit_selected([consumer], random_keep, loss_fn, 1, 12, opt)  # same 3 x 4 steps
+    assert random_loss < before  # the SGD steps do fit the selected weights
+    assert greedy_loss < 0.1 * random_loss
+
+
+def test_aux_losses_split_the_resnet_stages_as_dcp_does():
+    assert aux_positions(4, 3) == [0, 1, 2]
+    assert aux_positions(4, 1) == [1]
+    assert aux_positions(4, 6) == [0, 1, 2, 3]
+    spec = checkpoint.model_spec(NAME, 3, {"image_size": SIZE})
+    model = build_model(NAME, 3, spec["kwargs"])
+    order, calls = forward_order(model, checkpoint.example_inputs(spec))
+    aux = [MODELS[NAME].aux_features[i][0] for i in aux_positions(4, 3)]
+    ends = [order[p] for p in aux]
+    assert stage_of(order["backbone.body.layer1.0.conv2"], ends) == 0
+    assert stage_of(order["backbone.body.layer3.0.conv1"], ends) == 2
+    assert stage_of(order["backbone.body.layer4.0.conv1"], ends) == 3  # the detector's loss
+    assert stage_of(order["backbone.fpn.inner_blocks.0.0"], ends) == 3
+    assert calls["rpn.head.conv.0.0"] == 5  # one call per pyramid level
+
+
+def make_context(root: Path, options: dict) -> PruneContext:
+    """A PruneContext on the registry detector at 64 px with tiny synthetic data."""
+    if not (root / "instances_train.json").exists():
+        write_synthetic(
+            root, seed=1, num_train=8, num_val=1, image_size=SIZE, min_objects=1, max_objects=3
+        )
+    data = CocoDetection(root / "instances_train.json", root / "train")
+    torch.manual_seed(0)
+    spec = checkpoint.model_spec(NAME, data.num_classes, {"image_size": SIZE})
+    model = build_model(NAME, data.num_classes, spec["kwargs"]).eval()
+    entry = MODELS[NAME]
+
+    def batches():
+        epoch = 0
+        while True:
+            for images, targets in make_loader(data, 4, shuffle=True, seed=0, epoch=epoch):
+                yield list(images), list(targets)
+            epoch += 1
+
+    return PruneContext(
+        model=model,
+        spec=spec,
+        entry=entry,
+        options={"tolerance": 0.02, "max_layer_ratio": 0.9, **options},
+        seed=0,
+        device=torch.device("cpu"),
+        batches=batches,
+        example=checkpoint.example_inputs(spec),
+        macs_fn=macs_counter(
+            SIZE, entry.per_roi_modules, spec["kwargs"]["rpn_post_nms_top_n_test"]
+        ),
+        ignored=list(entry.ignored_layers),
+    )
+
+
+def check_pruned_detector(method: str, tmp: Path, options: dict) -> dict:
+    """Prune to 50% FLOPs; check target, size, forward passes and checkpoint round trip."""
+    torch.set_num_threads(1)
+    ctx = make_context(tmp / "synth", options)
+    meth = METHODS[method]
+    result = meth.procedure(ctx, meth, 0.5)
+    pruned = result.model
+    kept = ctx.macs_fn(pruned) / ctx.macs_fn(ctx.model)
+    assert abs(kept / 0.5 - 1) <= 0.02
+    assert result.report["flops_kept"] == pytest.approx(kept)
+    assert count_params(pruned) < 0.75 * count_params(ctx.model)
+    assert not any(n.startswith("_dcp_aux") for n, _ in pruned.named_modules())
+    assert all(not h[0].startswith("_dcp_aux") for h in result.history)
+    layers = result.report["layers"]
+    assert layers["backbone.body.layer2.0.conv1"][0] < layers["backbone.body.layer2.0.conv1"][1]
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    pruned.train()
+    target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}
+    losses = pruned([image], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+    pruned.eval()
+    path = tmp / f"{method}.pt"
+    checkpoint.save(path, spec=ctx.spec, model=pruned, history=result.history, meta={})
+    reloaded, _ = checkpoint.load_model(path)
+    reloaded.eval()
+    assert count_params(reloaded) == count_params(pruned)
+    with torch.no_grad():
+        a, b = pruned.backbone(image[None]), reloaded.backbone(image[None])
+        da, db = pruned([image])[0], reloaded([image])[0]
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    for key in da:
+        assert torch.equal(da[key], db[key])
+    return result.report
+
+
+def test_dcp_prunes_the_detector_to_the_flops_target(tmp_path: Path):
+    report = check_pruned_detector("dcp", tmp_path, FAST)
+    dcp = report["dcp"]
+    assert dcp["head"] == "dcp"
+    assert dcp["aux_features"] == [
+        "backbone.body.layer1",
+        "backbone.body.layer2",
+        "backbone.body.layer3",
+    ]
+    stages = {g["root"]: g["stage"] for g in dcp["groups"]}
+    assert stages["backbone.body.layer1.0.conv1"] == 0
+    assert stages["backbone.body.layer4.0.conv1"] == 3
+    assert all(g["kept"] < g["channels"] for g in dcp["groups"])
