@@ -32,17 +32,52 @@ PATHS = {
     "benchmark": "{results}/benchmarks/{stage}.tsv",
 }
 
-# Which config sections each stage reads (DVC ``params:``, Snakemake rerun trigger).
+# Which config keys each stage reads (DVC ``params:``, Snakemake's rerun trigger). Keys
+# of one method or regularizer are added by :func:`stage_params`, so a run that only adds
+# methods reuses every cached job of the methods it shares.
 PARAMS = {
     "synth": ["data"],
     "check": ["data"],
     "train": ["seed", "model", "train"],
-    "sparse": ["seed", "sparse"],
-    "prune": ["seed", "model", "prune"],
-    "finetune": ["seed", "finetune"],
+    "sparse": ["seed", "sparse.schedule"],
+    "prune": [
+        "seed",
+        "model",
+        "prune.global_pruning",
+        "prune.max_layer_ratio",
+        "prune.round_to",
+        "prune.tolerance",
+        "prune.calib_batches",
+    ],
+    "finetune": ["seed", "finetune.default"],
     "evaluate": ["evaluate"],
     "report": ["report"],
 }
+
+
+def _get(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def stage_params(
+    config: Mapping[str, Any], stage: str, method: str | None = None, regularizer: str | None = None
+) -> list[str]:
+    """The config keys a stage reads; per-method and per-regularizer keys when present."""
+    keys = [k for k in PARAMS[stage] if _get(config, k) is not None]
+    extra = {
+        "prune": f"prune.options.{method}",
+        "finetune": f"finetune.methods.{method}",
+        "sparse": f"sparse.regularizers.{regularizer}",
+    }.get(stage)
+    if extra and _get(config, extra) is not None:
+        keys.append(extra)
+    return keys
+
 
 COMMANDS = {
     "synth": "detprune data synth --config {params.config} --out-dir {params.out_dir} --log {log}",
@@ -163,9 +198,12 @@ def report_outputs(config: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def section_digest(config: Mapping[str, Any], stage: str) -> str:
-    """The config sections a stage reads, as canonical JSON (a rerun trigger)."""
-    return json.dumps({k: config[k] for k in PARAMS[stage]}, sort_keys=True)
+def section_digest(
+    config: Mapping[str, Any], stage: str, method: str | None = None, regularizer: str | None = None
+) -> str:
+    """The config values a stage reads, as canonical JSON (a Snakemake rerun trigger)."""
+    keys = stage_params(config, stage, method, regularizer)
+    return json.dumps({k: _get(config, k) for k in keys}, sort_keys=True)
 
 
 @dataclass
@@ -200,7 +238,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                 _cmd("synth", params={**p, "out_dir": d}, log=path("log", config, stage="synth")),
                 ["src/detprune/data/synth.py"],
                 [d],
-                PARAMS["synth"],
+                stage_params(config, "synth"),
             )
         )
     for split in ("train", "val"):
@@ -239,7 +277,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
             ),
             [*train_in.values(), *checks],
             [base],
-            PARAMS["train"],
+            stage_params(config, "train"),
         )
     )
     val_in = {"val_ann": data["val_ann"], "val_images": data["val_images"]}
@@ -257,7 +295,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
             ),
             [base, *val_in.values()],
             [mb],
-            PARAMS["evaluate"],
+            stage_params(config, "evaluate"),
         )
     )
     for reg in regularizers(config):
@@ -275,7 +313,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                 ),
                 [base, *train_in.values()],
                 [sp],
-                PARAMS["sparse"],
+                stage_params(config, "sparse", regularizer=reg),
             )
         )
     for method, pc in pruned_targets(config):
@@ -304,7 +342,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                 ),
                 [source, *train_in.values()],
                 [pr, sm],
-                PARAMS["prune"],
+                stage_params(config, "prune", method=method),
             )
         )
         stages.append(
@@ -320,7 +358,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                 ),
                 [pr, base, *train_in.values()],
                 [ft],
-                PARAMS["finetune"],
+                stage_params(config, "finetune", method=method),
             )
         )
         stages.append(
@@ -336,7 +374,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                 ),
                 [ft, *val_in.values()],
                 [mt],
-                PARAMS["evaluate"],
+                stage_params(config, "evaluate"),
             )
         )
     rep = report_outputs(config)
@@ -357,7 +395,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
             ),
             [*metrics, *summaries],
             [rep["md"], rep["tex"], rep["map_vs_flops"], rep["channels"]],
-            PARAMS["report"],
+            stage_params(config, "report"),
             metrics=[rep["summary"]],
             plots=[
                 {rep["csv"]: {"x": "flops_kept (%)", "y": "mAP", "title": f"{name}: mAP vs FLOPs"}}

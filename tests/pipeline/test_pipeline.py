@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,26 @@ def test_rerun_has_nothing_to_do(snakemake_run):
     proj, _ = snakemake_run
     out = _run([str(BIN / "snakemake"), "--cores", "2", "-n"], proj)
     assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_adding_a_method_reruns_only_its_jobs(snakemake_run):
+    proj, cfg = snakemake_run
+    more = {**cfg, "prune": {**cfg["prune"], "methods": [*cfg["prune"]["methods"], "uniform"]}}
+    write_config(more, proj / "config" / "config.yaml")
+    try:
+        out = _run([str(BIN / "snakemake"), "--cores", "2", "-n"], proj)
+    finally:
+        write_config(cfg, proj / "config" / "config.yaml")
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
+    # the baseline and the other methods' rows are cached: uniform's rows and the table run
+    assert jobs == {
+        "prune": "1",
+        "finetune": "1",
+        "evaluate_pruned": "1",
+        "make_report": "1",
+        "all": "1",
+        "total": "5",
+    }
 
 
 def test_dvc_repro_runs_the_same_stages_with_identical_metrics(

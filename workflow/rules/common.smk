@@ -31,8 +31,13 @@ def bench_path(stage):
 
 
 def get_params(stage):
-    """Config sections the stage reads: a change re-runs it (rerun trigger `params`)."""
-    return W.section_digest(config, stage)
+    """Config values the stage reads: a change re-runs it (rerun trigger `params`)."""
+
+    def digest(wildcards):
+        w = dict(wildcards)
+        return W.section_digest(config, stage, w.get("method"), w.get("regularizer"))
+
+    return digest
 
 
 def get_train_data(wildcards):
