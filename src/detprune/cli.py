@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +16,17 @@ log = logging.getLogger("detprune")
 
 def _setup_logging(logfile: str | None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if logfile:
+    # a torchrun worker: rank 0 appends to the launcher's log file, the others only print
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if logfile and rank in (None, "0"):
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(logfile, mode="w"))
+        handlers.append(logging.FileHandler(logfile, mode="w" if rank is None else "a"))
     logging.basicConfig(
         level=logging.INFO,
         handlers=handlers,
         force=True,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format=("" if rank is None else f"[rank {rank}] ")
+        + "%(asctime)s %(name)s %(levelname)s %(message)s",
     )
 
 
@@ -156,6 +160,38 @@ def _common(p: argparse.ArgumentParser, *, config: bool = True, threads: bool = 
     p.add_argument("--log", default=None, help="also write the log to this file")
 
 
+TRAINING = ("train", "sparse", "finetune")
+
+
+def _nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="training processes (DDP under torchrun; batch_size per process, lr scaled by "
+        "the count); default: one per visible GPU when the schedule may use CUDA, else 1",
+    )
+
+
+def _launch_workers(a: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    """Re-run this command as torchrun workers when it should use several processes."""
+    from detprune.train import distributed
+
+    if distributed.is_worker():
+        return
+    nproc = a.nproc
+    if nproc is None:
+        from detprune.config import finetune_schedule
+
+        cfg = _config(a.config)
+        sched = {"train": cfg["train"], "sparse": cfg["sparse"]["schedule"]}.get(
+            a.command
+        ) or finetune_schedule(cfg, a.method)
+        nproc = distributed.auto_nproc(sched.get("device", "auto"))
+    if nproc > 1:
+        sys.exit(distributed.launch(list(sys.argv[1:] if argv is None else argv), nproc))
+
+
 def _data_paths(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument(
         f"--{split}-ann", required=True, help=f"COCO instances JSON of the {split} split"
@@ -190,12 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the baseline detector")
     _common(p, threads=True)
+    _nproc(p)
     _data_paths(p, "train")
     p.add_argument("--out", required=True, help="final checkpoint (.pt); <out>.resume.pt resumes")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sparse", help="sparse training before pruning (slim, depgraph, ...)")
     _common(p, threads=True)
+    _nproc(p)
     p.add_argument("--regularizer", required=True, help="sparse.regularizers key, e.g. bn_l1")
     p.add_argument("--checkpoint", required=True, help="baseline checkpoint")
     _data_paths(p, "train")
@@ -214,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint")
     _common(p, threads=True)
+    _nproc(p)
     p.add_argument("--method", required=True, help="selects finetune.methods overrides")
     p.add_argument("--checkpoint", required=True, help="pruned checkpoint")
     p.add_argument("--teacher", required=True, help="unpruned checkpoint (for distillation)")
@@ -253,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``detprune`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command in TRAINING:
+        from detprune.train import distributed
+
+        distributed.install_handlers()  # SIGTERM/SIGUSR1: checkpoint, exit 75 (requeue)
     _setup_logging(getattr(args, "log", None))
+    if args.command in TRAINING:
+        _launch_workers(args, argv)
     try:
         args.func(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:

@@ -1,15 +1,18 @@
 """Training engine in the shape of torchvision's references/detection.
 
 ``train_one_epoch`` and ``evaluate`` are the two pieces; ``fit`` strings epochs together
-with a checkpoint written after every epoch and resume from it.
+with a resume point written after every epoch and, on SIGTERM/SIGUSR1, after the current
+iteration; a later call continues from it bitwise-identically (on the CPU). Under torchrun
+``fit`` trains with DistributedDataParallel (see :mod:`detprune.train.distributed`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
+import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from tqdm import tqdm
 from detprune.data.coco import CocoDetection, collate
 from detprune.evaluation.coco_eval import detections_to_coco, evaluate_detections
 from detprune.train import checkpoint
+from detprune.train import distributed as D
 
 log = logging.getLogger("detprune.train")
 LossHook = Callable[[nn.Module, list, list, dict], dict]
@@ -37,18 +41,47 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    skip: int = 0,
+    limit: int | None = None,
 ) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch): resumable and reproducible."""
-    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    """A loader whose order depends only on (seed, epoch): resumable and reproducible.
+
+    With ``world`` > 1 it yields rank ``rank``'s shard (see :func:`distributed.shard`);
+    ``skip`` batches are left out at the start (mid-epoch resume) and at most ``limit``
+    batches counted from the epoch's start are yielded.
+    """
+    sampler = D.EpochSampler(
+        len(dataset),
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        rank=rank,
+        world=world,
+        start=skip * batch_size,
+        stop=limit * batch_size if limit else None,
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=gen,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
         num_workers=0,
         collate_fn=collate,
     )
+
+
+def epoch_iters(n: int, batch_size: int, world: int = 1, max_iters: int | None = None) -> int:
+    """Optimizer steps per epoch of one process: its shard in batches, capped by max_iters."""
+    iters = math.ceil(math.ceil(n / world) / batch_size)
+    return min(iters, max_iters) if max_iters else iters
 
 
 def build_optimizer(model: nn.Module, sched: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -105,20 +138,72 @@ def train_one_epoch(
     between backward and the optimizer step (sparsity regularizers), ``progress`` being
     the fraction of the whole schedule done, from ``progress=(epoch, epochs)``.
     """
-    model.train()
-    sums: dict[str, float] = {}
-    n = 0
     total = min(len(loader), max_iters) if max_iters else len(loader)
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch}", leave=False, disable=None)
+    run = _EpochRun(total=total)
+    _run_epoch(
+        model,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        device,
+        epoch,
+        run,
+        scaler=scaler,
+        loss_hook=loss_hook,
+        grad_hook=grad_hook,
+        progress=progress,
+    )
+    return run.means()
+
+
+@dataclass
+class _EpochRun:
+    """Where an epoch stands: iterations done of ``total`` and the running loss sums."""
+
+    total: int
+    done: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.done, 1) for k, v in self.sums.items()}
+
+
+def _to(device: torch.device, images: Any, targets: Any) -> tuple[list, list]:
+    images = [im.to(device) for im in images]
+    targets = [
+        {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
+    ]
+    return images, targets
+
+
+def _run_epoch(
+    net: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: DataLoader,
+    device: torch.device,
+    epoch: int,
+    run: _EpochRun,
+    *,
+    scaler: torch.amp.GradScaler | None,
+    loss_hook: LossHook | None,
+    grad_hook: GradHook | None,
+    progress: tuple[int, int],
+    should_stop: Callable[[], bool] | None = None,
+) -> bool:
+    """Train from ``run.done`` to ``run.total`` iterations; ``net`` runs forward/backward
+    (the model or its DDP wrapper), the hooks get ``model``. Returns True when
+    ``should_stop()`` (asked after each iteration but the epoch's last) ended it early."""
+    net.train()
+    if run.done >= run.total:
+        return False
+    bar = tqdm(loader, total=run.total - run.done, desc=f"epoch {epoch}", leave=False, disable=None)
     for images, targets in bar:
-        if max_iters and n >= max_iters:
-            break
-        images = [im.to(device) for im in images]
-        targets = [
-            {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
-        ]
+        images, targets = _to(device, images, targets)
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
-            losses = model(images, targets)
+            losses = net(images, targets)
             if loss_hook is not None:
                 losses = loss_hook(model, images, targets, losses)
             loss = sum(losses.values())
@@ -131,21 +216,25 @@ def train_one_epoch(
         else:
             loss.backward()
         if grad_hook is not None:
-            grad_hook(model, (progress[0] + n / max(total, 1)) / progress[1])
+            grad_hook(model, (progress[0] + run.done / max(run.total, 1)) / progress[1])
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         scheduler.step()
-        n += 1
+        run.done += 1
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            run.sums[k] = run.sums.get(k, 0.0) + float(v.detach())
+        run.sums["loss"] = run.sums.get("loss", 0.0) + float(loss.detach())
         bar.set_postfix(
             loss=f"{float(loss.detach()):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}"
         )
-    return {k: v / max(n, 1) for k, v in sums.items()}
+        if run.done >= run.total:
+            break  # before fetching another batch: its transforms would draw random numbers
+        if should_stop is not None and should_stop():
+            return True
+    return False
 
 
 @torch.no_grad()
@@ -164,14 +253,71 @@ def evaluate(
     return evaluate_detections(dataset.coco, results, image_ids=dataset.ids)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+@dataclass
+class _Trainer:
+    """The state ``fit`` saves and restores: everything an identical continuation needs."""
 
+    ctx: D.DistContext
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    spec: dict[str, Any]
+    history: list
+    meta: dict[str, Any]
+    log: list[dict[str, Any]] = field(default_factory=list)
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+    def save(self, path: Path, epoch: int, run: _EpochRun) -> None:
+        """Rank 0 writes the resume point (every rank's RNG state included)."""
+        rng = D.gather(D.rng_state(self.ctx.device), self.ctx)
+        if self.ctx.is_main:
+            checkpoint.save(
+                path,
+                spec=self.spec,
+                model=self.model,
+                history=self.history,
+                meta=self.meta,
+                epoch=epoch,
+                iteration=run.done,
+                sums=dict(run.sums),
+                world=self.ctx.world,
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict() if self.scaler is not None else {},
+                rng=rng,
+                log=_canonical(self.log),
+            )
+        D.barrier(self.ctx)
+
+    def restore(self, path: Path, total: int) -> tuple[int, _EpochRun]:
+        """(epoch, position in it) from the resume point at ``path``, when it belongs to this
+        configuration; else (0, start of the epoch)."""
+        fresh = (0, _EpochRun(total=total))
+        if not path.is_file():
+            return fresh
+        state = checkpoint.load(path)
+        if state["meta"].get("fingerprint") != self.meta.get("fingerprint"):
+            log.warning("ignoring %s: it belongs to another configuration", path)
+            return fresh
+        if int(state.get("world", 1)) != self.ctx.world:
+            log.warning(
+                "ignoring %s: written by %s processes, this run has %d",
+                path,
+                state.get("world", 1),
+                self.ctx.world,
+            )
+            return fresh
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        D.set_rng_state(rng[self.ctx.rank] if isinstance(rng, list) else rng, self.ctx.device)
+        self.log = list(state["log"])
+        epoch, done = int(state["epoch"]), int(state.get("iteration", 0))
+        log.info("resumed from %s at epoch %d, iteration %d", path, epoch, done)
+        return epoch, _EpochRun(total=total, done=done, sums=dict(state.get("sums", {})))
 
 
 def fit(
@@ -190,70 +336,132 @@ def fit(
     """Train ``model`` for ``sched['epochs']`` epochs and write the final checkpoint ``out``.
 
     After every epoch a resume checkpoint ``<out>.resume.pt`` is written; a later call
-    with the same ``meta['fingerprint']`` continues from it.
+    with the same ``meta['fingerprint']`` (and number of processes) continues from it. On
+    SIGTERM/SIGUSR1 the current iteration is finished, the resume point written with the
+    position in the epoch, and :class:`distributed.Preempted` raised (exit code 75).
+
+    Under torchrun (WORLD_SIZE > 1) the model trains with DistributedDataParallel: each
+    process takes ``batch_size`` images of its shard per step and the learning rate is
+    ``lr`` x world size (linear scaling rule); BatchNorm layers are synchronised on CUDA
+    and keep per-process statistics on the CPU (gloo); rank 0 writes the checkpoints.
     """
-    device = resolve_device(sched.get("device", "auto"))
+    ctx = D.setup(sched.get("device", "auto"))
+    try:
+        return _fit(
+            ctx, model, spec, history, sched, train_set, seed, out, meta, loss_hook, grad_hook
+        )
+    finally:
+        D.teardown(ctx)
+
+
+def _fit(
+    ctx: D.DistContext,
+    model: nn.Module,
+    spec: dict[str, Any],
+    history: list,
+    sched: Mapping[str, Any],
+    train_set: Dataset,
+    seed: int,
+    out: Path,
+    meta: dict[str, Any],
+    loss_hook: LossHook | None,
+    grad_hook: GradHook | None,
+) -> dict[str, Any]:
+    device, epochs, batch = ctx.device, sched["epochs"], sched["batch_size"]
+    if ctx.world > 1:
+        D.seed_rank(seed, ctx.rank)
     model.to(device)
-    optimizer = build_optimizer(model, sched)
-    iters = len(make_loader(train_set, sched["batch_size"], shuffle=True, seed=seed))
-    if sched.get("max_iters_per_epoch"):
-        iters = min(iters, sched["max_iters_per_epoch"])
+    optimizer = build_optimizer(model, {**sched, "lr": sched["lr"] * ctx.world})
+    iters = epoch_iters(len(train_set), batch, ctx.world, sched.get("max_iters_per_epoch"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(sched, iters))
     use_amp = bool(sched.get("amp", False)) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    tr = _Trainer(ctx, model, optimizer, scheduler, scaler, spec, history, meta)
     resume = Path(f"{out}.resume.pt")
-    start, history_log = 0, []
-    if resume.is_file():
-        state = checkpoint.load(resume)
-        if state["meta"].get("fingerprint") == meta.get("fingerprint"):
-            model.load_state_dict(state["state_dict"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            start, history_log = int(state["epoch"]), list(state["log"])
-            log.info("resumed from %s at epoch %d", resume, start)
-        else:
-            log.warning("ignoring %s: it belongs to another configuration", resume)
-    for epoch in range(start, sched["epochs"]):
-        loader = make_loader(train_set, sched["batch_size"], shuffle=True, seed=seed, epoch=epoch)
-        losses = train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            loader,
+    start, run = tr.restore(resume, iters)
+    swapped = D.sync_batchnorm(model) if ctx.world > 1 and device.type == "cuda" else []
+    net = D.wrap(model, ctx)
+    if ctx.world > 1:
+        log.info(
+            "rank %d of %d on %s: global batch %d, lr %g",
+            ctx.rank,
+            ctx.world,
             device,
-            epoch,
-            scaler=scaler,
-            max_iters=sched.get("max_iters_per_epoch"),
-            loss_hook=loss_hook,
-            grad_hook=grad_hook,
-            progress=(epoch, sched["epochs"]),
+            batch * ctx.world,
+            sched["lr"] * ctx.world,
         )
-        history_log.append({"epoch": epoch, **losses, "lr": optimizer.param_groups[0]["lr"]})
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in losses.items()})
+
+    def should_stop() -> bool:
+        return D.any_rank(D.stop_requested() is not None, ctx)
+
+    with D.preemption_guard():
+        for epoch in range(start, epochs):
+            loader = make_loader(
+                train_set,
+                batch,
+                shuffle=True,
+                seed=seed,
+                epoch=epoch,
+                rank=ctx.rank,
+                world=ctx.world,
+                skip=run.done,
+                limit=iters,
+            )
+            stopped = _run_epoch(
+                net,
+                model,
+                optimizer,
+                scheduler,
+                loader,
+                device,
+                epoch,
+                run,
+                scaler=scaler,
+                loss_hook=loss_hook,
+                grad_hook=grad_hook,
+                progress=(epoch, epochs),
+                should_stop=should_stop,
+            )
+            if stopped:
+                tr.save(resume, epoch, run)
+                _preempted(epoch, run.done, resume)
+            losses = run.means()
+            tr.log.append({"epoch": epoch, **losses, "lr": optimizer.param_groups[0]["lr"]})
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in losses.items()})
+            run = _EpochRun(total=iters)
+            tr.save(resume, epoch + 1, run)
+            if epoch + 1 < epochs and should_stop():
+                _preempted(epoch + 1, 0, resume)
+    D.restore_batchnorm(swapped)
+    model.cpu()
+    if ctx.is_main:
         checkpoint.save(
-            resume,
+            out,
             spec=spec,
             model=model,
             history=history,
-            meta=meta,
-            epoch=epoch + 1,
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else {},
-            rng=_rng_state(),
-            log=history_log,
+            meta={**meta, "train_log": _canonical(tr.log)},
+            epoch=epochs,
         )
-    model.cpu()
-    checkpoint.save(
-        out,
-        spec=spec,
-        model=model,
-        history=history,
-        meta={**meta, "train_log": history_log},
-        epoch=sched["epochs"],
+        resume.unlink(missing_ok=True)
+    D.barrier(ctx)
+    return {"log": tr.log}
+
+
+def _canonical(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Log entries with interned keys: pickle shares equal keys only when they are the same
+    object, so a log restored from a resume point must not change the checkpoint's bytes."""
+    return [{sys.intern(str(k)): v for k, v in e.items()} for e in entries]
+
+
+def _preempted(epoch: int, iteration: int, resume: Path) -> None:
+    signum = D.stop_requested() or 0
+    log.warning(
+        "stopping on signal %d at epoch %d, iteration %d: resume point %s (exit code %d)",
+        signum,
+        epoch,
+        iteration,
+        resume,
+        D.PREEMPTED_EXIT,
     )
-    resume.unlink(missing_ok=True)
-    return {"log": history_log}
+    raise D.Preempted(signum, epoch, iteration)
