@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 _RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 
@@ -100,5 +100,54 @@ def resnet_fpn(
         in_channels_list=in_channels,
         out_channels=fpn_channels,
         extra_blocks=LastLevelMaxPool(),
+        norm_layer=None,
+    )
+
+
+def resnet_body(
+    arch: str,
+    *,
+    widths: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
+    stem_width: int = 16,
+    pretrained_backbone: str | None = None,
+) -> tuple[nn.Module, list[int]]:
+    """A ResNet (``narrow``, ``resnet18`` ... ``resnet101``) and its four stage widths."""
+    if arch == "narrow":
+        widths = list(widths or (16, 32, 64, 128))
+        body: nn.Module = NarrowResNet(widths, blocks or (1, 1, 1, 1), stem_width)
+        _load_pretrained(body, pretrained_backbone)
+        return body, widths
+    if arch not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise ValueError(f"model.backbone: unknown backbone {arch!r}")
+    body = getattr(resnet, arch)(weights=None, norm_layer=nn.BatchNorm2d)
+    _load_pretrained(body, pretrained_backbone)
+    expansion = 4 if arch in ("resnet50", "resnet101") else 1
+    return body, [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+
+
+def resnet_fpn_p3p7(
+    arch: str,
+    fpn_channels: int,
+    *,
+    widths: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
+    stem_width: int = 16,
+    pretrained_backbone: str | None = None,
+) -> BackboneWithFPN:
+    """ResNet + FPN on C3-C5 with P6, P7 from P5: torchvision's RetinaNet/FCOS neck (P3-P7)."""
+    body, channels = resnet_body(
+        arch,
+        widths=widths,
+        blocks=blocks,
+        stem_width=stem_width,
+        pretrained_backbone=pretrained_backbone,
+    )
+    return BackboneWithFPN(
+        body,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=channels[1:],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
         norm_layer=None,
     )
