@@ -96,6 +96,7 @@ def test_objectness_and_phi_obj():
     assert float(w[0]) == pytest.approx(1 / (1 + math.exp(-3)))  # max(O_pre, O_cur)
 
 
+@torch.no_grad()
 def test_info_loss_is_zero_for_the_guide_itself_and_follows_the_formula():
     torch.manual_seed(0)
     feats = [torch.randn(2, 4, 5, 5), torch.randn(2, 4, 3, 3)]
@@ -103,7 +104,7 @@ def test_info_loss_is_zero_for_the_guide_itself_and_follows_the_formula():
     for similarity in ("cosine", "mse"):
         loss = InfoLoss(similarity)
         loss.setup(feats, feats)  # same widths: identity adapters
-        assert float(loss(feats, feats, weights).detach()) == pytest.approx(0.0, abs=1e-6)
+        assert float(loss(feats, feats, weights)) == pytest.approx(0.0, abs=1e-6)
     # guide [1, 0], student [1, 0] on the left half (weight 1) and [0, 1] on the right
     # (weight 3): cos 1 and 0, so L = 1 - (1 * 1 + 3 * 0) / (1 + 3) = 0.75
     guide = torch.zeros(1, 2, 1, 2)
@@ -243,5 +244,7 @@ def test_ablation_presets(name: str):
 def test_progressive_miep_on_the_detector(tmp_path):
     report = check_progressive_run("miep", tmp_path)
     assert report["options"]["foi"] and report["options"]["iri"]
-    assert all(s["info"] >= 0 for s in report["progress"])
-    assert any(s["info"] > 0 for s in report["progress"][1:])  # the student departs
+    info = [s["info"] for s in report["progress"]]
+    # identity adapters, guide BN on the batch's statistics: 0 before anything was pruned
+    assert info[0] == pytest.approx(0.0, abs=1e-5)
+    assert all(v > 1e-3 for v in info[1:])  # then the pruned student departs from the guide

@@ -7,7 +7,9 @@ classes of the sigmoid of the head's classification logits at each position (a w
 no gradient flows through it). The ``|.|`` of the paper is read as the L1 norm of the
 non-negative weights, with the cosine kept signed (a weighted mean of the similarity).
 Variants: ``similarity="mse"`` (per-position mean squared error instead of ``1 - cos``)
-and ``objectness=False`` (``Phi_obj = 1``, Phi_pre only).
+and ``objectness=False`` (``Phi_obj = 1``, Phi_pre only). The guide's BatchNorm layers
+normalise with the same statistics as the student's (the batch's, while it trains), so
+that L_info is 0 before pruning and measures only what pruning and training change.
 
 MIEP: "Channel Pruning with Multi-granular Importance Estimation for Object Detection",
 ACM MM 2023 (doi 10.1145/3581783.3612563).
@@ -16,7 +18,7 @@ ACM MM 2023 (doi 10.1145/3581783.3612563).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -86,15 +88,38 @@ class FeatureRecorder:
             raise _Done
 
 
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with the batch's statistics (as a training student does)
+    without updating their running statistics; restored on exit."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, m.training, m.momentum))
+            m.train()
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, training, momentum in saved:
+            m.train(training)
+            m.momentum = momentum
+
+
 @torch.no_grad()
 def run_guide(
-    recorder: FeatureRecorder, images: list[torch.Tensor], logit_calls: int | None
+    recorder: FeatureRecorder,
+    images: Any,
+    logit_calls: int | None,
+    batch_stats: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Neck features and logits of the (eval-mode) guide on ``images``, stopping after
-    ``logit_calls`` logit calls (after the neck when 0; never when ``None``)."""
+    ``logit_calls`` logit calls (after the neck when 0; never when ``None``); with
+    ``batch_stats`` its BatchNorm layers use the batch's statistics."""
     recorder.model.eval()
     try:
-        with recorder.record(stop_after=logit_calls):
+        stats = batch_statistics(recorder.model) if batch_stats else nullcontext()
+        with stats, recorder.record(stop_after=logit_calls):
             recorder.model(images)
     except _Done:
         pass

@@ -4,7 +4,7 @@ important channels, repeat until the FLOPs target.
 Each step trains ``interval`` iterations on ``ctx.batches()`` at ``lr_scale`` times the
 training lr while the mask Fisher of the task loss (TLI) and, for MIEP, of L_info (FOI)
 is accumulated; then the least important channels over all prunable torch-pruning groups
-go (``(I_TLI + IFOIState) * I_IRI``, divided by the MACs one channel of the group costs when
+go (``(I_TLI + I_FOI) * I_IRI``, divided by the MACs one channel of the group costs when
 ``normalize_flops``), the accumulators are reset and the optimizer rebuilt. Each step
 removes about ``1/steps`` of the MACs still to go; near the target the step shrinks (down
 to one channel) so the kept share lands within ``tolerance`` of the target.
@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "foi_weight": 1.0,
     "foi_similarity": "cosine",  # | "mse"
     "foi_objectness": True,  # Phi_obj weighting (False: Phi_pre only)
+    "foi_guide_bn": "batch",  # guide BN uses the batch's statistics like the student | "eval"
     "iri_algorithm": "hierarchical",  # | "kmeans"
     "iri_stop": "ratio",  # | "distance"
     "iri_ratio": 0.1,
@@ -186,6 +187,7 @@ class FOIState:
     loss: InfoLoss
     optimize: bool
     weight: float
+    guide_batch_stats: bool = True
 
 
 def _on_device(example: Any, device: torch.device) -> Any:
@@ -211,6 +213,8 @@ def _example_features(
 def _make_foi(ctx: PruneContext, model: nn.Module, guide: nn.Module, opts: dict) -> FOIState:
     if not ctx.entry.neck_outputs:
         raise ValueError(f"{ctx.spec.get('name')}: FOI needs the entry's neck_outputs")
+    if opts["foi_guide_bn"] not in ("batch", "eval"):
+        raise ValueError(f"foi_guide_bn must be batch or eval, got {opts['foi_guide_bn']!r}")
     guide = guide.to(ctx.device).eval().requires_grad_(False)
     foi = FOIState(
         FeatureRecorder(model, ctx.entry.neck_outputs, ctx.entry.cls_logits),
@@ -218,6 +222,7 @@ def _make_foi(ctx: PruneContext, model: nn.Module, guide: nn.Module, opts: dict)
         InfoLoss(opts["foi_similarity"], bool(opts["foi_objectness"])),
         bool(opts["foi_optimize"]),
         float(opts["foi_weight"]),
+        opts["foi_guide_bn"] == "batch",
     )
     foi.loss.setup(*_example_features(foi, model, _on_device(ctx.example, ctx.device)))
     return foi
@@ -242,7 +247,7 @@ def train_step(
     out = {"loss": float(task.detach())}
     info = None
     if foi is not None:
-        feats, logits = run_guide(foi.guide, images, len(foi.student.logits))
+        feats, logits = run_guide(foi.guide, images, len(foi.student.logits), foi.guide_batch_stats)
         weights = object_weights(foi.student.feats, foi.student.logits, logits)
         info = foi.weight * foi.loss(foi.student.feats, feats, weights)
         out["info"] = float(info.detach())

@@ -220,17 +220,17 @@ def channel_costs(dg: tp.DependencyGraph, info: GroupInfo, layer_macs: dict[str,
 def combine(
     tli: torch.Tensor | None, foi: torch.Tensor | None, iri: torch.Tensor | None
 ) -> torch.Tensor:
-    """MIEP's combination ``I = (I_TLI + IFOIState) * I_IRI``; absent terms are left out."""
+    """MIEP's combination ``I = (I_TLI + I_FOI) * I_IRI``; absent terms are left out."""
     parts = [t for t in (tli, foi) if t is not None]
     if not parts:
-        raise ValueError("combine needs I_TLI or IFOIState")
+        raise ValueError("combine needs I_TLI or I_FOI")
     total = sum(parts[1:], parts[0])
     return total * iri if iri is not None else total
 
 
 class ProgressiveImportance(tp.importance.Importance):
     """torch-pruning importance that reads the accumulated mask Fisher of a group:
-    ``(I_TLI + IFOIState) * I_IRI``, divided by the MACs of one channel when ``costs`` is given
+    ``(I_TLI + I_FOI) * I_IRI``, divided by the MACs of one channel when ``costs`` is given
     (GroupFisher's normalisation). Scores the channels ``group[0].idxs`` of the root layer.
     """
 
@@ -256,7 +256,7 @@ class ProgressiveImportance(tp.importance.Importance):
         self.groups = {g.root_name: g for g in groups}
 
     def components(self, root_name: str) -> dict[str, torch.Tensor]:
-        """I_TLI, IFOIState and I_IRI over the full width of a group (those switched on)."""
+        """I_TLI, I_FOI and I_IRI over the full width of a group (those switched on)."""
         info = self.groups[root_name]
         out = {}
         if self.tli:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from sklearn.cluster import AgglomerativeClustering, KMeans
+from threadpoolctl import threadpool_limits
 
 from detprune.pruning.importance.fisher import PRUNABLE, GroupInfo, is_out_pruning
 
@@ -92,7 +93,8 @@ def cluster_labels(desc: np.ndarray, cfg: IRIConfig) -> np.ndarray:
         return np.arange(n)
     clusters = max(clusters, 1)
     if cfg.algorithm == "kmeans":
-        with warnings.catch_warnings():
+        # k-means++ init; sklearn's OpenMP threads kept to torch's budget (Snakemake threads)
+        with warnings.catch_warnings(), threadpool_limits(torch.get_num_threads()):
             warnings.simplefilter("ignore")  # duplicate points: fewer distinct clusters
             return KMeans(clusters, n_init=1, random_state=cfg.seed).fit_predict(x)
     return AgglomerativeClustering(n_clusters=clusters, linkage=cfg.linkage).fit_predict(x)
