@@ -223,9 +223,9 @@ ABLATIONS = {
     "miep-tli": {"tli": True, "foi": False, "iri": False},
     "miep-tli-foi": {"foi": True, "iri": False},
     "miep-tli-iri": {"foi": False, "iri": True},
-    "miep-phipre": {"foi": True, "iri": True, "foi_objectness": False},
-    "miep-foi-pruneonly": {"foi": True, "foi_optimize": False},
-    "miep-mse": {"foi": True, "foi_similarity": "mse"},
+    "miep-phipre": {"foi": True, "iri": False, "foi_objectness": False},
+    "miep-foi-pruneonly": {"foi": True, "iri": False, "foi_optimize": False},
+    "miep-mse": {"foi": True, "iri": False, "foi_similarity": "mse"},
     "miep-kmeans": {"iri": True, "iri_algorithm": "kmeans"},
     "miep-distance": {"iri": True, "iri_stop": "distance", "iri_distance": 0.8},
 }

@@ -128,3 +128,36 @@ def test_l1_removes_a_zeroed_filter_first():
     assert net[0].out_channels == 5
     kept = [i for i in range(6) if i != 4]
     assert torch.equal(net[3].weight, marker[:, kept])
+
+
+def test_per_layer_pruning_closes_the_jump_between_two_ratios():
+    """Eight equal 16-channel layers pruned by one shared ratio lose a channel each at the
+    same ratio: the kept share jumps past the target. The core then moves layers one by one
+    to the next ratio and lands within the tolerance."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 16, 3, padding=1)]
+    for _ in range(7):
+        layers += [nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
+    model = nn.Sequential(*layers, nn.ReLU(), nn.Conv2d(16, 2, 1)).eval()
+    example = torch.randn(1, 3, 16, 16)
+
+    def macs(m: nn.Module) -> int:
+        return int(tp.utils.count_ops_and_params(m, example)[0])
+
+    # 2 channels fewer in every layer keep ~(14/16)^2 = 0.77 of the MACs, 3 fewer ~0.66
+    target = 0.72
+    result = prune_to_flops(
+        model,
+        importance=l1_importance(),
+        target=target,
+        example=example,
+        ignored=["16"],
+        macs_fn=macs,
+        global_pruning=False,
+        tolerance=0.02,
+    )
+    report = result.report
+    assert abs(report["flops_kept"] / target - 1) <= 0.02
+    widths = sorted({w for w, _ in report["layers"].values() if w != 2})
+    assert widths == [13, 14]  # some layers lose 3 channels, the others 2
+    assert any(t["layers_at_next"] > 0 for t in report["trials"])

@@ -113,8 +113,10 @@ def make_pruner(
     ratio: float,
     ignored: list[str],
     opts: dict[str, Any],
+    layer_ratios: dict[str, float] | None = None,
 ) -> tp.pruner.MetaPruner:
-    """A torch-pruning MetaPruner with the core's allocation settings."""
+    """A torch-pruning MetaPruner with the core's allocation settings (``layer_ratios``:
+    per-layer ratios that replace ``ratio`` for those layers)."""
     return tp.pruner.MetaPruner(
         model,
         example_inputs=(ctx_example,),
@@ -124,6 +126,8 @@ def make_pruner(
         max_pruning_ratio=opts["max_layer_ratio"],
         ignored_layers=[model.get_submodule(n) for n in ignored],
         round_to=opts.get("round_to"),
+        pruning_ratio_dict={model.get_submodule(n): r for n, r in (layer_ratios or {}).items()}
+        or None,
     )
 
 
@@ -134,11 +138,12 @@ def _prune_once(
     ratio: float,
     ignored: list[str],
     opts: dict[str, Any],
+    layer_ratios: dict[str, float] | None = None,
 ) -> tuple[nn.Module, list]:
     """Prune a copy of ``model`` by global/per-layer ``ratio``; return it and its history."""
     trial = copy_with_grads(model)
     trial.eval()
-    pruner = make_pruner(trial, example, importance, ratio, ignored, opts)
+    pruner = make_pruner(trial, example, importance, ratio, ignored, opts, layer_ratios)
     pruner.step()
     return trial, pruner.DG.pruning_history()
 
@@ -203,24 +208,48 @@ def prune_to_flops(
     }
     lo, hi = 0.0, max_layer_ratio
     best: tuple[float, nn.Module, list, int, float] | None = None
-    trials = []
-    for _ in range(max_trials):
-        ratio = (lo + hi) / 2
-        trial, history = _prune_once(model, example, importance, ratio, ignored, opts)
+    trials: list[dict[str, Any]] = []
+
+    def attempt(ratio: float, layer_ratios: dict[str, float] | None = None) -> float:
+        nonlocal best
+        trial, history = _prune_once(model, example, importance, ratio, ignored, opts, layer_ratios)
         macs = macs_fn(trial)
         kept = macs / base
         err = abs(kept / target - 1)
-        trials.append({"ratio": ratio, "kept": kept})
+        trials.append({"ratio": ratio, "kept": kept, "layers_at_next": len(layer_ratios or {})})
         log.info("pruning ratio %.4f keeps %.4f of MACs (target %.3f)", ratio, kept, target)
         if best is None or err < best[0]:
             best = (err, trial, history, macs, ratio)
-        if err <= tolerance / 4:
+        return kept
+
+    for _ in range(max_trials):
+        ratio = (lo + hi) / 2
+        kept = attempt(ratio)
+        if abs(kept / target - 1) <= tolerance / 4:
             break
         if kept > target:
             lo = ratio
         else:
             hi = ratio
+        if hi - lo < 1e-4:  # a jump of the kept share: refined below
+            break
     assert best is not None
+    if best[0] > tolerance / 4 and not global_pruning and lo > 0:
+        # Per-layer pruning steps in jumps: at some ratio every layer of one width loses a
+        # channel at once. Close the jump between lo (above the target) and hi (below) by
+        # moving the layers, in order, one by one from lo to hi (bisected).
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in ignored
+        ]
+        a, b = 0, len(names)
+        while b - a > 1 and best[0] > tolerance / 4:
+            k = (a + b) // 2
+            if attempt(lo, {n: hi for n in names[:k]}) > target:
+                a = k
+            else:
+                b = k
     _, pruned, history, macs, ratio = best
     report = make_report(
         model,
