@@ -161,3 +161,32 @@ def test_per_layer_pruning_closes_the_jump_between_two_ratios():
     widths = sorted({w for w, _ in report["layers"].values() if w != 2})
     assert widths == [13, 14]  # some layers lose 3 channels, the others 2
     assert any(t["layers_at_next"] > 0 for t in report["trials"])
+
+
+def test_global_pruning_honours_the_max_layer_ratio():
+    """A layer whose channels all score near zero would fall entirely under the global
+    threshold; torch-pruning then skips it whole. The core caps it at max_layer_ratio."""
+    from detprune.pruning.core import _prune_once
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 2, 1),
+    ).eval()  # fmt: skip
+    l1 = l1_importance()
+
+    def importance(group):  # every channel of the middle layer scores (almost) nothing
+        if getattr(group[0].dep.target.module, "tiny", False):
+            return 1e-6 * torch.arange(1.0, 17.0)
+        return l1(group)
+
+    model[2].tiny = True  # survives the copy the core prunes
+    opts = {"global_pruning": True, "max_layer_ratio": 0.75, "round_to": None}
+    example = torch.randn(1, 3, 8, 8)
+    pruned, _ = _prune_once(model, example, importance, 0.4, ["6"], opts)
+    widths = [pruned[i].out_channels for i in (0, 2, 4)]
+    assert widths[1] == 4  # the tiny layer: down to 25% (the cap), not skipped, not emptied
+    assert sum(widths) == int(48 * (1 - 0.4))  # the global share is still met
+    assert widths[0] < 16 and widths[2] < 16
