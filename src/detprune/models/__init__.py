@@ -4,7 +4,9 @@ declares for the pruning methods (see :class:`detprune.models.base.ModelEntry`).
 Each detector family lives in its own module and exports its entries; they are merged
 here. Every detector follows torchvision's detection API: ``model(images, targets)`` in
 train mode returns a dict of losses, ``model(images)`` in eval mode returns one dict of
-``boxes`` (xyxy), ``scores`` and ``labels`` (1..K) per image.
+``boxes`` (xyxy), ``scores`` and ``labels`` (1..K) per image. Classifiers (entries with
+``task="classification"``, :mod:`detprune.models.classification`) follow the same API
+with a classification loss and per-image ``scores`` (K probabilities) and ``labels``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from detprune.models.base import ModelEntry
+from detprune.models.classification import CLASSIFICATION_MODELS
 from detprune.models.fasterrcnn import FASTERRCNN_MODELS
 from detprune.models.gfl import GFL_MODELS
 from detprune.models.onestage import ONESTAGE_MODELS
@@ -27,6 +30,7 @@ MODELS: dict[str, ModelEntry] = {
     **ONESTAGE_MODELS,
     **GFL_MODELS,
     **YOLO_MODELS,
+    **CLASSIFICATION_MODELS,
 }
 
 __all__ = ["MODELS", "ModelEntry", "build_model", "ignored_modules", "model_kwargs"]

@@ -25,7 +25,10 @@ class ModelEntry:
       (DCP/LCP), shallow to deep;
     - ``groups``: GCP's groups by feature scale and module type, name -> module prefixes;
     - ``distill_taps``: module -> group name, the layers whose outputs SAD compares;
-    - ``schedule``: the detector's default training schedule overrides.
+    - ``schedule``: the detector's default training schedule overrides;
+    - ``task``: ``"detection"`` (boxes, COCO data and metrics) or ``"classification"``
+      (an image classifier on ImageFolder data, top-1/top-5; see
+      :mod:`detprune.models.classification`).
     """
 
     build: Callable[..., nn.Module]
@@ -40,3 +43,4 @@ class ModelEntry:
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     distill_taps: Mapping[str, str] = field(default_factory=dict)
     schedule: Mapping[str, Any] = field(default_factory=dict)
+    task: str = "detection"

@@ -263,6 +263,35 @@ def aux_loss(
     return out
 
 
+class ClassAuxHead(nn.Module):
+    """DCP's auxiliary network for a classifier (the paper's ResNet setting): the stage's
+    feature map through ``proj`` (1x1 conv + BN + ReLU, the only layer reading the
+    network's channels), global average pooling and a K-way linear classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, stride: int, channels: int = 64):
+        super().__init__()
+        self.stride = stride
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.cls = nn.Linear(channels, num_classes)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, K) of the images of ``feature`` (N, C, H, W)."""
+        return self.cls(torch.flatten(F.adaptive_avg_pool2d(self.proj(feature), 1), 1))
+
+
+def class_aux_loss(
+    head: ClassAuxHead, feature: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """DCP's auxiliary loss on a classifier: cross-entropy of ``head`` with each image's
+    label (``targets[i]["labels"]`` = tensor([c]))."""
+    labels = torch.cat([t["labels"].reshape(-1)[:1] for t in targets]).to(feature.device)
+    return {"cls": F.cross_entropy(head(feature), labels)}
+
+
 def model_targets(model: nn.Module, images: list, targets: list) -> list[dict]:
     """The targets in the coordinates of the model's input (after its own resize)."""
     transform = getattr(model, "transform", None)

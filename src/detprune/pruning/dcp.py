@@ -40,9 +40,11 @@ from torch import nn
 
 from detprune.pruning.aux_net import (
     AuxHead,
+    ClassAuxHead,
     aux_loss,
     aux_positions,
     capture,
+    class_aux_loss,
     forward_order,
     model_targets,
     run_until,
@@ -135,8 +137,17 @@ class _Run:
         with torch.no_grad(), capture(self.student, [p for p, _ in self.aux]) as st:
             self.student(self.example)
         lcp = head == "lcp"
-        heads = [
-            AuxHead(
+        # a classifier's auxiliary networks classify the image (DCP's own ResNet setting)
+        self.classify = getattr(ctx.entry, "task", "detection") == "classification"
+        heads: list[nn.Module] = [
+            ClassAuxHead(
+                st[p][-1].shape[1],
+                int(ctx.spec["num_classes"]),
+                stride,
+                channels=int(opts["aux_channels"]),
+            )
+            if self.classify
+            else AuxHead(
                 st[p][-1].shape[1],
                 int(ctx.spec["num_classes"]),
                 stride,
@@ -164,6 +175,8 @@ class _Run:
         return torch.Generator().manual_seed(int(self.ctx.seed) * 100003 + key)
 
     def aux_terms(self, s: int, feature: torch.Tensor, b: int, key: int) -> torch.Tensor:
+        if self.classify:
+            return class_aux_loss(self.heads[s], feature, self.targets[b])["cls"]
         o = self.opts
         losses = aux_loss(
             self.heads[s],
@@ -353,6 +366,11 @@ class _Run:
 
 def stagewise(ctx: PruneContext, method: Method, target: float, *, head: str) -> PruneResult:
     """Prune ``ctx.model`` to ``target`` of its MACs with DCP (``head="dcp"``) or LCP."""
+    if head == "lcp" and getattr(ctx.entry, "task", "detection") != "detection":
+        raise ValueError(
+            f"lcp needs a detector with boxes: {ctx.spec.get('name')!r} is a "
+            f"{ctx.entry.task} model (use dcp, whose auxiliary networks classify images)"
+        )
     t0 = time.perf_counter()
     opts = {**DEFAULTS, **ctx.options}
     alloc = _allocate(ctx, target, opts)

@@ -37,8 +37,22 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def flatten_logits(out: Any) -> list[torch.Tensor]:
+    """The classification logits of a module output: dense (N, K, H, W) maps, or the
+    (N, K) logits of a classifier."""
+    if torch.is_tensor(out) and out.dim() == 2:
+        return [out]
+    return flatten_outputs(out)
+
+
 def objectness(logits: torch.Tensor) -> torch.Tensor:
-    """``O``: max over classes (channels) of sigmoid(logits), per position: (N, H, W)."""
+    """``O``: max over classes (channels) of sigmoid(logits), per position: (N, H, W).
+
+    A classifier's (N, K) logits have no positions: ``O`` is then the max softmax
+    probability per image, shape (N,) (broadcast over positions by :func:`object_weights`).
+    """
+    if logits.dim() == 2:
+        return torch.softmax(logits.detach().float(), dim=1).amax(dim=1)
     return torch.sigmoid(logits.detach().float()).amax(dim=1)
 
 
@@ -83,7 +97,7 @@ class FeatureRecorder:
         return fn
 
     def _cls(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        self.logits.extend(flatten_outputs(output))
+        self.logits.extend(flatten_logits(output))
         if self.stop_after is not None and len(self.logits) >= self.stop_after:
             raise _Done
 
@@ -132,12 +146,19 @@ def object_weights(
     guide_logits: Sequence[torch.Tensor],
 ) -> list[torch.Tensor | None]:
     """``Phi_obj = max(O_pre, O_cur)`` per neck level, matched to the logits by spatial
-    size (resized when none matches); ``None`` (uniform) when there are no logits."""
+    size (resized when none matches); ``None`` (uniform) when there are no logits. With a
+    classifier's (N, K) logits, each image's weight is its ``O``, the same at every
+    position of every level."""
     out: list[torch.Tensor | None] = []
     pairs = list(zip(student_logits, guide_logits, strict=False))
     for f in feats:
         if not pairs:
             out.append(None)
+            continue
+        if pairs[0][0].dim() == 2:
+            s, g = pairs[0]
+            o = torch.maximum(objectness(s), objectness(g))
+            out.append(o[:, None, None].expand(f.shape[0], *f.shape[-2:]))
             continue
         match = next((p for p in pairs if p[0].shape[-2:] == f.shape[-2:]), None)
         s, g = match if match is not None else pairs[min(len(out), len(pairs) - 1)]

@@ -55,6 +55,10 @@ class LCPAuxLoss:
 
     def __init__(self, student: nn.Module, spec: dict[str, Any], options: dict[str, Any]):
         entry = MODELS[spec["name"]]
+        if entry.task != "detection":
+            raise ValueError(
+                f"lcp needs a detector with boxes: {spec['name']!r} is a {entry.task} model"
+            )
         if not entry.aux_features:
             raise ValueError(f"lcp: detector {spec['name']!r} declares no aux_features")
         self.path, self.stride = entry.aux_features[-1]
