@@ -37,9 +37,16 @@ def _config(path: str) -> dict:
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:
+    data = _config(a.config)["data"]
+    if data["source"] == "synth_cls":  # ImageFolder trees <out-dir>/{train,val}/<class>/
+        from detprune.data.classification import write_synthetic_classification
+
+        summary = write_synthetic_classification(Path(a.out_dir), **data["synth_cls"])
+        log.info("synthetic classification set in %s: %s", a.out_dir, summary)
+        return
     from detprune.data.synth import write_synthetic
 
-    cfg = _config(a.config)["data"]["synth"]
+    cfg = data["synth"]
     summary = write_synthetic(Path(a.out_dir), **cfg)
     log.info("synthetic dataset in %s: %s", a.out_dir, summary)
 
@@ -49,7 +56,18 @@ def cmd_data_check(a: argparse.Namespace) -> None:
     from detprune.utils.io import write_json
     from detprune.utils.provenance import provenance
 
-    summary = check_coco(a.ann, a.images)
+    if Path(a.ann).is_dir():  # a classification split: --ann and --images are its root
+        from detprune.data.classification import check_imagefolder
+        from detprune.data.coco import DatasetError
+
+        if Path(a.images).resolve() != Path(a.ann).resolve():
+            raise DatasetError(
+                f"{a.ann}: an ImageFolder split is given as both --ann and --images "
+                f"(got --images {a.images})"
+            )
+        summary = check_imagefolder(a.ann)
+    else:
+        summary = check_coco(a.ann, a.images)
     log.info("%s: OK %s", a.ann, summary)
     if a.out:
         write_json(
@@ -116,10 +134,19 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from detprune import stages
+    from detprune.report import stages
 
     for p in stages.report(
         _config(a.config), a.metrics, a.prune_summaries, a.tables_dir, a.figures_dir
+    ):
+        log.info("wrote %s", p)
+
+
+def cmd_table(a: argparse.Namespace) -> None:
+    from detprune.report import stages
+
+    for p in stages.paper_table(
+        a.table, a.profile, a.results, a.seeds, a.reported, a.tables_dir, a.figures_dir
     ):
         log.info("wrote %s", p)
 
@@ -130,6 +157,11 @@ def cmd_list(a: argparse.Namespace) -> None:
 
         for name, entry in MODELS.items():
             print(f"{name:28s} {entry.description}")
+    elif a.what == "tables":
+        from detprune.experiments import load_table, table_names
+
+        for name in table_names():
+            print(f"{name:16s} {load_table(name).title}")
     else:
         from detprune.pruning.methods import METHODS
 
@@ -207,14 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets: synthetic, checks, VOC conversion")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    p = dsub.add_parser("synth", help="write the embedded synthetic COCO dataset (deterministic)")
+    p = dsub.add_parser(
+        "synth",
+        help="write the embedded synthetic dataset (deterministic): COCO, or ImageFolder "
+        "trees for data.source synth_cls",
+    )
     _common(p)
     p.add_argument("--out-dir", required=True, help="dataset folder to create")
     p.set_defaults(func=cmd_data_synth)
-    p = dsub.add_parser("check", help="validate a COCO JSON and its images before training")
+    p = dsub.add_parser(
+        "check", help="validate a COCO JSON and its images (or an ImageFolder) before training"
+    )
     _common(p, config=False)
-    p.add_argument("--ann", required=True, help="COCO instances JSON")
-    p.add_argument("--images", required=True, help="image folder (file_name is relative to it)")
+    p.add_argument("--ann", required=True, help="COCO instances JSON, or an ImageFolder root")
+    p.add_argument(
+        "--images",
+        required=True,
+        help="image folder (file_name is relative to it); for an ImageFolder, its root again",
+    )
     p.add_argument("--out", default=None, help="write a JSON summary here when the check passes")
     p.set_defaults(func=cmd_data_check)
     p = dsub.add_parser("voc2coco", help="convert a PASCAL VOC split (VOCdevkit XML) to COCO JSON")
@@ -277,8 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures-dir", required=True, help="folder for .png figures")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("list", help="list registered models or methods")
-    p.add_argument("what", choices=["models", "methods"])
+    p = sub.add_parser("table", help="a paper table: reported beside reproduced figures")
+    p.add_argument("--table", required=True, help="name of a config/tables/*.yaml table")
+    p.add_argument("--profile", required=True, choices=["mini", "paper"])
+    p.add_argument("--results", required=True, help="results root of the table run")
+    p.add_argument("--seeds", default=None, help="seeds, comma separated (default: the table's)")
+    p.add_argument("--reported", default="config/reported.yaml", help="reported numbers")
+    p.add_argument("--tables-dir", required=True, help="folder for .csv/.md/.tex/.json")
+    p.add_argument("--figures-dir", required=True, help="folder for the .png figure")
+    p.add_argument("--log", default=None, help="also write the log to this file")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("list", help="list registered models, methods or paper tables")
+    p.add_argument("what", choices=["models", "methods", "tables"])
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("dvc", help="generate dvc.yaml from the config")

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 
 from detprune.config import finetune_schedule
+from detprune.data.classification import ImageFolderDataset, classification_transform
 from detprune.data.coco import CocoDetection
 from detprune.data.transforms import get_transform
+from detprune.evaluation.classification import evaluate_classifier, summary_text
 from detprune.evaluation.cost import count_macs, count_params, measure_latency
-from detprune.models import MODELS, build_model
+from detprune.models import MODELS, build_model, model_kwargs
 from detprune.pruning.core import PruneContext, macs_counter
 from detprune.pruning.methods import get_method
 from detprune.train import checkpoint
@@ -40,8 +42,43 @@ def _fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _train_set(ann: str, images: str, augment: str) -> CocoDetection:
+def _data_hash(path: str | Path) -> str:
+    """sha256 of a file (a COCO JSON); for a folder (an ImageFolder split), of its sorted
+    file list with sizes (reading every image of ImageNet at each start would be slow)."""
+    p = Path(path)
+    if not p.is_dir():
+        return _sha256(p)
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    return _fingerprint(files=[[str(f.relative_to(p)), f.stat().st_size] for f in files])
+
+
+def _task(name: str) -> str:
+    """The registry entry's task (``detection`` for names not registered)."""
+    entry = MODELS.get(name)
+    return entry.task if entry is not None else "detection"
+
+
+def _train_set(
+    ann: str,
+    images: str,
+    augment: str,
+    name: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> CocoDetection | ImageFolderDataset:
+    """The training set of model ``name``: COCO for detectors; for classifiers the
+    ImageFolder root ``images`` (the same path as ``ann``) with the crops of the model's
+    ``crop_scale`` / ``crop_ratio``."""
+    if name is not None and _task(name) == "classification":
+        return ImageFolderDataset(images, transforms=_cls_transform(augment, True, name, kwargs))
     return CocoDetection(ann, images, transforms=get_transform(augment, train=True))
+
+
+def _cls_transform(augment: str, train: bool, name: str, kwargs: dict[str, Any] | None):
+    kw = kwargs if kwargs is not None else MODELS[name].defaults
+    lo, hi = kw.get("crop_scale", (0.08, 1.0))
+    return classification_transform(
+        augment, train, (float(lo), float(hi)), float(kw.get("crop_ratio", 1.0))
+    )
 
 
 def _rois(spec: dict[str, Any]) -> int:
@@ -57,10 +94,12 @@ def train(config: dict[str, Any], train_ann: str, train_images: str, out: str) -
     """Train the baseline detector from scratch (or from a local pretrained backbone)."""
     seed_everything(config["seed"])
     sched = config["train"]
-    train_set = _train_set(train_ann, train_images, sched["augment"])
+    name = config["model"]["name"]
     overrides = dict(config["model"].get("kwargs", {}))
     if config["model"].get("pretrained_backbone"):
         overrides["pretrained_backbone"] = config["model"]["pretrained_backbone"]
+    kwargs = model_kwargs(name, overrides) if _task(name) == "classification" else None
+    train_set = _train_set(train_ann, train_images, sched["augment"], name, kwargs)
     spec = checkpoint.model_spec(config["model"]["name"], train_set.num_classes, overrides)
     model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
     meta = provenance(
@@ -72,7 +111,7 @@ def train(config: dict[str, Any], train_ann: str, train_images: str, out: str) -
         class_names=train_set.class_names,
     )
     meta["fingerprint"] = _fingerprint(
-        sched=sched, spec=spec, seed=config["seed"], data=_sha256(train_ann)
+        sched=sched, spec=spec, seed=config["seed"], data=_data_hash(train_ann)
     )
     return fit(
         model,
@@ -86,7 +125,9 @@ def train(config: dict[str, Any], train_ann: str, train_images: str, out: str) -
     )
 
 
-def _batches(dataset: CocoDetection, batch_size: int, seed: int, device: torch.device):
+def _batches(
+    dataset: CocoDetection | ImageFolderDataset, batch_size: int, seed: int, device: torch.device
+):
     """A function returning an endless, seeded iterator of training batches on ``device``."""
 
     def gen():
@@ -131,7 +172,7 @@ def sparse(
             options, list(MODELS[spec["name"]].ignored_layers), checkpoint.example_inputs(spec)
         ),
     )
-    train_set = _train_set(train_ann, train_images, sched["augment"])
+    train_set = _train_set(train_ann, train_images, sched["augment"], spec["name"], spec["kwargs"])
     meta = dict(ckpt["meta"])
     meta.update(
         provenance(
@@ -176,7 +217,7 @@ def prune(
     device = resolve_device(config["train"].get("device", "auto"))
     options = {k: v for k, v in config["prune"].items() if k != "options"}
     options.update(config["prune"].get("options", {}).get(method, {}))
-    dataset = _train_set(train_ann, train_images, "none")
+    dataset = _train_set(train_ann, train_images, "none", spec["name"], spec["kwargs"])
     ctx = PruneContext(
         model=model,
         spec=spec,
@@ -238,7 +279,8 @@ def finetune(
     sched = finetune_schedule(config, method)
     distill = sched.get("distill", get_method(method).distill)
     model, ckpt = checkpoint.load_model(ckpt_path)
-    train_set = _train_set(train_ann, train_images, sched["augment"])
+    spec = ckpt["model"]
+    train_set = _train_set(train_ann, train_images, sched["augment"], spec["name"], spec["kwargs"])
     hook = None
     if distill:
         if distill not in DISTILLERS:
@@ -262,7 +304,7 @@ def finetune(
         seed=config["seed"],
         init=_sha256(ckpt_path),
         teacher=_sha256(teacher_path) if distill else None,
-        data=_sha256(train_ann),
+        data=_data_hash(train_ann),
     )
     return fit(
         model,
@@ -286,15 +328,25 @@ def evaluate_checkpoint(
     method: str,
     flops: float,
 ) -> dict[str, Any]:
-    """COCO metrics, parameters, MACs and latency of a checkpoint, as one JSON record."""
+    """COCO metrics (top-1/top-5 accuracy for a classifier, whose ``val_images`` is the
+    ImageFolder root), parameters, MACs and latency of a checkpoint, as one JSON record."""
     seed_everything(config["seed"])
     ecfg = config["evaluate"]
     model, ckpt = checkpoint.load_model(ckpt_path)
     spec = ckpt["model"]
     device = resolve_device("auto")
-    dataset = CocoDetection(val_ann, val_images)
-    model.to(device)
-    metrics, summary = evaluate(model, dataset, device, ecfg["batch_size"])
+    classifier = _task(spec["name"]) == "classification"
+    if classifier:
+        dataset: CocoDetection | ImageFolderDataset = ImageFolderDataset(
+            val_images, transforms=_cls_transform("none", False, spec["name"], spec["kwargs"])
+        )
+        model.to(device)
+        metrics: dict[str, Any] = evaluate_classifier(model, dataset, device, ecfg["batch_size"])
+        summary = summary_text(metrics, len(dataset))
+    else:
+        dataset = CocoDetection(val_ann, val_images)
+        model.to(device)
+        metrics, summary = evaluate(model, dataset, device, ecfg["batch_size"])
     model.cpu()
     macs = count_macs(
         model,
@@ -331,52 +383,13 @@ def evaluate_checkpoint(
         ),
     }
     write_json(out, record)
-    log.info("%s %s: AP %.4f AP50 %.4f", method, flops, metrics["AP"] or 0, metrics["AP50"] or 0)
+    if classifier:
+        log.info("%s %s: top-1 %.4f top-5 %.4f", method, flops, metrics["top1"], metrics["top5"])
+    else:
+        log.info(
+            "%s %s: AP %.4f AP50 %.4f", method, flops, metrics["AP"] or 0, metrics["AP50"] or 0
+        )
     return record
-
-
-def report(
-    config: dict[str, Any],
-    metrics: list[str],
-    summaries: list[str],
-    tables_dir: str,
-    figures_dir: str,
-) -> list[Path]:
-    """Paper-style tables, a compact metrics summary, and the figures."""
-    from detprune.report.figures import plot_channels_per_layer, plot_map_vs_flops
-    from detprune.report.tables import build_table, load_records, write_table
-
-    name = config["report"]["name"]
-    records = load_records([Path(p) for p in metrics])
-    df = build_table(records)
-    paths = write_table(df, Path(tables_dir) / name)
-    summary = {
-        f"{r['method']}@{r['flops_target']:g}": {
-            k: r["metrics"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
-        }
-        | {"macs": r["cost"]["macs"], "params": r["cost"]["params"]}
-        for r in records
-    }
-    write_json(Path(tables_dir) / f"{name}_summary.json", summary)
-    paths.append(
-        plot_map_vs_flops(
-            df, Path(figures_dir) / f"{name}_map_vs_flops.png", title=f"{name}: mAP vs FLOPs kept"
-        )
-    )
-    layer_records = []
-    for p in summaries:
-        rec = json.loads(Path(p).read_text())
-        layer_records.append(
-            {"method": rec["method"], "flops_target": rec["flops_target"], "layers": rec["layers"]}
-        )
-    paths.append(
-        plot_channels_per_layer(
-            layer_records,
-            Path(figures_dir) / f"{name}_channels_per_layer.png",
-            title=f"{name}: channels kept per layer",
-        )
-    )
-    return paths
 
 
 def set_threads(threads: int | None) -> None:

@@ -17,6 +17,7 @@ import yaml
 
 PATHS = {
     "synth": "{results}/data/synth",
+    "synth_cls": "{results}/data/synth_cls",
     "check": "{results}/data/check_{split}.json",
     "baseline": "{results}/models/baseline.pt",
     "sparse": "{results}/models/sparse/{regularizer}.pt",
@@ -114,6 +115,11 @@ COMMANDS = {
         "--val-images {input.val_images} --out {output.metrics} "
         "--threads {threads} --log {log}"
     ),
+    "table": (
+        "detprune table --table {wildcards.table} --profile {wildcards.profile} "
+        "--results {params.results} --seeds {params.seeds} --reported {input.reported} "
+        "--tables-dir {params.tables_dir} --figures-dir {params.figures_dir} --log {log}"
+    ),
     "report": (
         "detprune report --config {params.config} --metrics {input.metrics} "
         "--prune-summaries {input.summaries} --tables-dir {params.tables_dir} "
@@ -135,7 +141,8 @@ def path(key: str, config: Mapping[str, Any], **fields: Any) -> str:
 
 def dataset_paths(config: Mapping[str, Any]) -> dict[str, str]:
     """Annotation files and image folders of the train and val splits."""
-    if config["data"]["source"] == "synth":
+    source = config["data"]["source"]
+    if source == "synth":
         root = path("synth", config)
         return {
             "train_ann": f"{root}/instances_train.json",
@@ -143,6 +150,14 @@ def dataset_paths(config: Mapping[str, Any]) -> dict[str, str]:
             "val_ann": f"{root}/instances_val.json",
             "val_images": f"{root}/val",
         }
+    if source in ("synth_cls", "imagefolder"):  # an ImageFolder split is its own "annotation"
+        root = path("synth_cls", config)
+        folders = (
+            {"train": f"{root}/train", "val": f"{root}/val"}
+            if source == "synth_cls"
+            else config["data"]["imagefolder"]
+        )
+        return {f"{s}_{k}": folders[s] for s in ("train", "val") for k in ("ann", "images")}
     return dict(config["data"]["coco"])
 
 
@@ -195,6 +210,14 @@ def report_outputs(config: Mapping[str, Any]) -> dict[str, str]:
     out["summary"] = path("summary", config, name=name)
     out["map_vs_flops"] = path("figure", config, name=name, kind="map_vs_flops")
     out["channels"] = path("figure", config, name=name, kind="channels_per_layer")
+    return out
+
+
+def table_outputs(config: Mapping[str, Any], table: str, profile: str) -> dict[str, str]:
+    """The files of one paper table of a table run."""
+    name = f"{profile}/{table}"
+    out = {ext: path("table", config, name=name, ext=ext) for ext in ("csv", "md", "tex", "json")}
+    out["figure"] = path("figure", config, name=name, kind="vs_flops")
     return out
 
 

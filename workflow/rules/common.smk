@@ -1,33 +1,69 @@
 # Shared helpers: paths and command templates come from detprune.workflow, the same
 # source dvc.yaml is generated from.
+#
+# Every rule's files live under `{results}`, one folder per experiment. The default run
+# is one experiment (the config's `results`). With `--config table=<name> profile=<p>`
+# the experiments are those the paper tables need (detprune.experiments): each gets its
+# own config file, written into its folder when the workflow loads.
 import os
+import re
 
+from detprune import experiments as E
 from detprune import workflow as W
+from detprune.report import paper_tables as PT
 
-# The file the CLI stages read: the last --configfile given, else the default.
-CONFIG_PATH = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
 THREADS = config["threads"]
-DATA = W.dataset_paths(config)
+
+
+def _experiments():
+    if "table" not in config:
+        if "profile" in config:
+            raise ValueError("config field 'profile' is set but 'table' is not")
+        path = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
+        return {config["results"]: E.Experiment(config["results"], config)}, path, None
+    if "profile" not in config:
+        raise ValueError("config field 'table' needs 'profile' (mini or paper)")
+    tables = [E.load_table(name) for name in E.selected_tables(config["table"])]
+    plan = E.plan(config, tables, config["profile"])
+    for exp in plan.values():
+        E.write_config(exp)
+    return plan, "{wildcards.results}/config.yaml", tables
+
+
+# EXPERIMENTS: results folder -> Experiment; CONFIG_ARG: what the CLI gets as --config;
+# TABLES: the table specs of a table run (None for the default run)
+EXPERIMENTS, CONFIG_ARG, TABLES = _experiments()
+TABLE_SPECS = {t.name: t for t in TABLES or []}
+# The config path is part of the command, not of `params`: a run with another config
+# file that asks for the same job (same values of the keys it reads) reuses it.
+CMD = {k: v.replace("{params.config}", CONFIG_ARG) for k, v in W.COMMANDS.items()}
 
 
 wildcard_constraints:
+    results="|".join(re.escape(r) for r in EXPERIMENTS),
     method=r"[a-z][a-z0-9_-]*",
     pct=r"[0-9]+(\.[0-9]+)?",
     split=r"train|val",
+    regularizer=r"[a-z][a-z0-9_]*",
+
+
+def X(wildcards):
+    """The experiment a job belongs to (the default run's for the report)."""
+    return EXPERIMENTS[dict(wildcards).get("results", config["results"])]
 
 
 def P(key, **fields):
     """A path pattern of kind `key` (wildcards left as {name})."""
-    wildcards = {name: f"{{{name}}}" for name in ("method", "pct", "split")}
-    return W.PATHS[key].format(results=config["results"], **{**wildcards, **fields})
+    names = ("results", "method", "pct", "split", "regularizer", "stage")
+    return W.PATHS[key].format(**{**{n: f"{{{n}}}" for n in names}, **fields})
 
 
 def log_path(stage):
-    return W.path("log", config, stage=stage)
+    return P("log", stage=stage)
 
 
 def bench_path(stage):
-    return W.path("benchmark", config, stage=stage)
+    return P("benchmark", stage=stage)
 
 
 def get_params(stage):
@@ -35,21 +71,28 @@ def get_params(stage):
 
     def digest(wildcards):
         w = dict(wildcards)
-        return W.section_digest(config, stage, w.get("method"), w.get("regularizer"))
+        return W.section_digest(X(wildcards).config, stage, w.get("method"), w.get("regularizer"))
 
     return digest
 
 
+def _data(wildcards):
+    return W.dataset_paths(X(wildcards).config)
+
+
 def get_train_data(wildcards):
-    return {"train_ann": DATA["train_ann"], "train_images": DATA["train_images"]}
+    d = _data(wildcards)
+    return {"train_ann": d["train_ann"], "train_images": d["train_images"]}
 
 
 def get_val_data(wildcards):
-    return {"val_ann": DATA["val_ann"], "val_images": DATA["val_images"]}
+    d = _data(wildcards)
+    return {"val_ann": d["val_ann"], "val_images": d["val_images"]}
 
 
 def get_split_data(wildcards):
-    return {"ann": DATA[f"{wildcards.split}_ann"], "images": DATA[f"{wildcards.split}_images"]}
+    d = _data(wildcards)
+    return {"ann": d[f"{wildcards.split}_ann"], "images": d[f"{wildcards.split}_images"]}
 
 
 def get_flops(wildcards):
@@ -61,10 +104,29 @@ def out_dir(name):
     return lambda wildcards, output: os.path.dirname(output[name])
 
 
-def get_final_outputs():
-    return list(W.report_outputs(config).values())
-
-
 def get_prune_source(wildcards):
     """The sparse-trained checkpoint when the method has a sparse stage, else the baseline."""
-    return W.prune_source(config, wildcards.method)
+    return W.prune_source(X(wildcards).config, wildcards.method)
+
+
+def get_final_outputs():
+    if TABLES is None:
+        return list(W.report_outputs(config).values())
+    return [f for t in TABLES for f in W.table_outputs(config, t.name, config["profile"]).values()]
+
+
+def get_table_metrics(wildcards):
+    """The metrics records a paper table reads (every seed, every experiment)."""
+    spec = TABLE_SPECS[wildcards.table]
+    return PT.table_files(config, spec, wildcards.profile, get_seeds(wildcards).split(","))
+
+
+def get_seeds(wildcards):
+    """The seeds of a table run, comma separated (--config seeds=..., else the table's)."""
+    spec = TABLE_SPECS[wildcards.table]
+    return ",".join(map(str, E.parse_seeds(config.get("seeds"), spec.seeds)))
+
+
+def get_results_root(wildcards):
+    """The results root of a table run (the main config's `results`)."""
+    return config["results"]

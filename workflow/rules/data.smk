@@ -1,11 +1,10 @@
 rule synth_data:
     output:
-        train_ann=W.dataset_paths({**config, "data": {"source": "synth"}})["train_ann"],
-        val_ann=W.dataset_paths({**config, "data": {"source": "synth"}})["val_ann"],
-        train_images=directory(W.dataset_paths({**config, "data": {"source": "synth"}})["train_images"]),
-        val_images=directory(W.dataset_paths({**config, "data": {"source": "synth"}})["val_images"]),
+        train_ann=os.path.join(P("synth"), "instances_train.json"),
+        val_ann=os.path.join(P("synth"), "instances_val.json"),
+        train_images=directory(os.path.join(P("synth"), "train")),
+        val_images=directory(os.path.join(P("synth"), "val")),
     params:
-        config=CONFIG_PATH,
         out_dir=out_dir("train_ann"),
         digest=get_params("synth"),
     log:
@@ -20,7 +19,29 @@ rule synth_data:
     conda:
         "../envs/detprune.yaml"
     shell:
-        W.COMMANDS["synth"]
+        CMD["synth"]
+
+
+rule synth_cls_data:
+    output:
+        train=directory(os.path.join(P("synth_cls"), "train")),
+        val=directory(os.path.join(P("synth_cls"), "val")),
+    params:
+        out_dir=out_dir("train"),
+        digest=get_params("synth"),
+    log:
+        log_path("synth_cls"),
+    benchmark:
+        bench_path("synth_cls")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    conda:
+        "../envs/detprune.yaml"
+    shell:
+        CMD["synth"]
 
 
 rule check_data:
@@ -40,4 +61,4 @@ rule check_data:
     conda:
         "../envs/detprune.yaml"
     shell:
-        W.COMMANDS["check"]
+        CMD["check"]

@@ -5,7 +5,6 @@ rule evaluate_baseline:
     output:
         metrics=P("metrics_baseline"),
     params:
-        config=CONFIG_PATH,
         method="baseline",
         flops=1.0,
         digest=get_params("evaluate"),
@@ -21,7 +20,7 @@ rule evaluate_baseline:
     conda:
         "../envs/detprune.yaml"
     shell:
-        W.COMMANDS["evaluate"]
+        CMD["evaluate"]
 
 
 rule evaluate_pruned:
@@ -31,7 +30,6 @@ rule evaluate_pruned:
     output:
         metrics=P("metrics"),
     params:
-        config=CONFIG_PATH,
         method="{method}",
         flops=get_flops,
         digest=get_params("evaluate"),
@@ -47,4 +45,4 @@ rule evaluate_pruned:
     conda:
         "../envs/detprune.yaml"
     shell:
-        W.COMMANDS["evaluate"]
+        CMD["evaluate"]

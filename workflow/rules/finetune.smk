@@ -6,7 +6,6 @@ rule finetune:
     output:
         model=P("finetuned"),
     params:
-        config=CONFIG_PATH,
         method="{method}",
         digest=get_params("finetune"),
     log:
@@ -21,4 +20,4 @@ rule finetune:
     conda:
         "../envs/detprune.yaml"
     shell:
-        W.COMMANDS["finetune"]
+        CMD["finetune"]

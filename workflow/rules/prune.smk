@@ -6,7 +6,6 @@ rule prune:
         model=P("pruned"),
         summary=P("prune_summary"),
     params:
-        config=CONFIG_PATH,
         method="{method}",
         flops=get_flops,
         digest=get_params("prune"),
@@ -22,4 +21,4 @@ rule prune:
     conda:
         "../envs/detprune.yaml"
     shell:
-        W.COMMANDS["prune"]
+        CMD["prune"]

@@ -3,17 +3,14 @@ rule sparse_train:
         unpack(get_train_data),
         model=P("baseline"),
     output:
-        model=W.PATHS["sparse"].format(results=config["results"], regularizer="{regularizer}"),
+        model=P("sparse"),
     params:
-        config=CONFIG_PATH,
         regularizer="{regularizer}",
         digest=get_params("sparse"),
     log:
         log_path("sparse/{regularizer}"),
     benchmark:
         bench_path("sparse/{regularizer}")
-    wildcard_constraints:
-        regularizer=r"[a-z][a-z0-9_]*",
     threads: THREADS
     resources:
         mem_mb=8000,
@@ -22,4 +19,4 @@ rule sparse_train:
     conda:
         "../envs/detprune.yaml"
     shell:
-        W.COMMANDS["sparse"]
+        CMD["sparse"]

@@ -1,11 +1,10 @@
 rule train_baseline:
     input:
         unpack(get_train_data),
-        checks=expand(P("check"), split=["train", "val"]),
+        checks=expand(P("check"), split=["train", "val"], allow_missing=True),
     output:
         model=P("baseline"),
     params:
-        config=CONFIG_PATH,
         digest=get_params("train"),
     log:
         log_path("train"),
@@ -19,4 +18,4 @@ rule train_baseline:
     conda:
         "../envs/detprune.yaml"
     shell:
-        W.COMMANDS["train"]
+        CMD["train"]

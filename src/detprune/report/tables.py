@@ -16,6 +16,8 @@ from detprune.utils.io import atomic_path, write_text
 RECORD_KEYS: tuple[str, ...] = ("detector", "method", "flops_target", "seed", "metrics", "cost")
 COST_KEYS: tuple[str, ...] = ("params", "macs")
 METRIC_KEYS: tuple[str, ...] = ("AP",)
+#: ... or, for a classifier, these.
+CLS_METRIC_KEYS: tuple[str, ...] = ("top1",)
 
 BASELINE = "baseline"
 
@@ -67,7 +69,12 @@ def _check_record(record: Any, where: str) -> None:
     for key in RECORD_KEYS:
         if key not in record:
             raise ValueError(f"{where}: missing key {key!r}")
-    for parent, keys in (("cost", COST_KEYS), ("metrics", METRIC_KEYS)):
+    metric_keys = (
+        CLS_METRIC_KEYS
+        if isinstance(record["metrics"], dict) and "top1" in record["metrics"]
+        else METRIC_KEYS
+    )
+    for parent, keys in (("cost", COST_KEYS), ("metrics", metric_keys)):
         if not isinstance(record[parent], dict):
             raise ValueError(f"{where}: {parent!r} must be a JSON object")
         for key in keys:
@@ -181,7 +188,7 @@ def _formatted(df: pd.DataFrame, missing: str, signed_delta: bool) -> list[list[
             if column in TEXT_COLUMNS or isinstance(value, str):
                 cells.append(str(value))
             else:
-                signed = signed_delta and column == "ΔmAP"
+                signed = signed_delta and column.startswith("Δ")
                 cells.append(_format_number(value, _DECIMALS.get(column, 1), missing, signed))
         rows.append(cells)
     return rows
