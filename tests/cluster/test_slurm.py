@@ -114,7 +114,12 @@ def _preempt_training(proj: Path, smk: subprocess.Popen) -> str:
     logf = proj / "results" / "logs" / "train.log"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and smk.poll() is None:
-        running = [i for i, c, st in _squeue() if c == "rule_train_baseline" and st == "RUNNING"]
+        # the plugin's comment: rule_<rule>_wildcards_<values> (train_baseline's: results)
+        running = [
+            i
+            for i, c, st in _squeue()
+            if c.split("_wildcards_")[0] == "rule_train_baseline" and st == "RUNNING"
+        ]
         if running and logf.exists():
             subprocess.run(["scancel", "--signal=TERM", running[0]], check=True, env=SLURM_ENV)
             return running[0]

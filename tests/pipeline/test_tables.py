@@ -66,7 +66,6 @@ def tiny_table_run(tmp_path_factory):
         "rows": [
             {"experiment": "frcnn", "method": "l1", "flops": [0.1],
              "reported": "miep/coco/fasterrcnn_r50/groupfisher@{pct}"},
-            {"experiment": "frcnn", "method": "uniform", "flops": [0.5]},
         ],
     }  # fmt: skip
     (proj / "config/tables/tiny.yaml").write_text(yaml.safe_dump(table, sort_keys=False))
@@ -79,7 +78,7 @@ def tiny_table_run(tmp_path_factory):
 def test_a_table_run_reports_mean_and_std_of_its_two_seeds(tiny_table_run):
     proj, _ = tiny_table_run
     df = pd.read_csv(proj / "results/tables/mini/tiny.csv")
-    assert list(df["method"]) == ["l1", "uniform"]
+    assert list(df["method"]) == ["l1"]
     aps, bases = [], []
     for seed in (0, 1):
         exp = proj / f"results/experiments/mini/synth/fasterrcnn_narrow_fpn/seed{seed}"
@@ -96,7 +95,6 @@ def test_a_table_run_reports_mean_and_std_of_its_two_seeds(tiny_table_run):
     assert l1["repro base"] == pytest.approx(statistics.fmean(bases), abs=0.051)
     assert (l1["paper base"], l1["paper pruned"]) == (37.4, 32.3)
     assert abs(l1["flops_kept (%)"] - 10) <= 0.2
-    assert df.iloc[1]["note"] == "not reported"
     assert (proj / "results/figures/mini/tiny_vs_flops.png").stat().st_size > 10_000
     md = (proj / "results/tables/mini/tiny.md").read_text()
     assert "Δrepro − Δpaper" in md and "| l1 " in md
