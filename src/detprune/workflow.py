@@ -242,6 +242,12 @@ class Stage:
     plots: list[dict[str, Any]] = field(default_factory=list)
 
 
+def stage_threads(config: Mapping[str, Any], stage: str) -> int:
+    """Torch threads of a stage's jobs: the config's ``threads``, one number or one per stage."""
+    th = config["threads"]
+    return int(th if isinstance(th, int) else th[stage])
+
+
 def _cmd(stage: str, **parts: Any) -> str:
     ns = {k: SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in parts.items()}
     return COMMANDS[stage].format(**ns)
@@ -249,7 +255,6 @@ def _cmd(stage: str, **parts: Any) -> str:
 
 def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
     """The DAG as DVC stages, from the same templates and paths as the Snakefile."""
-    th = config["threads"]
     data = dataset_paths(config)
     p = {"config": config_path}
     stages: list[Stage] = []
@@ -295,7 +300,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                 params=p,
                 input=train_in,
                 output={"model": base},
-                threads=th,
+                threads=stage_threads(config, "train"),
                 log=path("log", config, stage="train"),
             ),
             [*train_in.values(), *checks],
@@ -313,7 +318,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                 params={**p, "method": "baseline", "flops": 1.0},
                 input={"model": base, **val_in},
                 output={"metrics": mb},
-                threads=th,
+                threads=stage_threads(config, "evaluate"),
                 log=path("log", config, stage="evaluate_baseline"),
             ),
             [base, *val_in.values()],
@@ -331,7 +336,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                     params={**p, "regularizer": reg},
                     input={"model": base, **train_in},
                     output={"model": sp},
-                    threads=th,
+                    threads=stage_threads(config, "sparse"),
                     log=path("log", config, stage=f"sparse/{reg}"),
                 ),
                 [base, *train_in.values()],
@@ -360,7 +365,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                     params=mp,
                     input={"model": source, **train_in},
                     output={"model": pr, "summary": sm},
-                    threads=th,
+                    threads=stage_threads(config, "prune"),
                     log=path("log", config, stage=f"prune/{tag}"),
                 ),
                 [source, *train_in.values()],
@@ -376,7 +381,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                     params=mp,
                     input={"model": pr, "teacher": base, **train_in},
                     output={"model": ft},
-                    threads=th,
+                    threads=stage_threads(config, "finetune"),
                     log=path("log", config, stage=f"finetune/{tag}"),
                 ),
                 [pr, base, *train_in.values()],
@@ -392,7 +397,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                     params=mp,
                     input={"model": ft, **val_in},
                     output={"metrics": mt},
-                    threads=th,
+                    threads=stage_threads(config, "evaluate"),
                     log=path("log", config, stage=f"evaluate/{tag}"),
                 ),
                 [ft, *val_in.values()],

@@ -74,3 +74,17 @@ def test_method_family_configs_validate_and_name_registered_methods(root, name):
     # the default run's folder (its data, baseline and shared methods are reused), own table
     assert cfg["results"] == "results" and cfg["report"]["name"] == name
     assert set(cfg["prune"]["methods"]) <= set(METHODS)
+
+
+def test_threads_are_one_number_or_one_per_stage(tmp_path: Path, default_config):
+    from detprune.workflow import stage_threads
+
+    assert stage_threads(default_config, "train") == 2
+    assert stage_threads(default_config, "finetune") == 1
+    assert stage_threads({**default_config, "threads": 3}, "evaluate") == 3
+    bad = {**default_config, "threads": {"train": 2, "prune": 1}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "threads" in str(err.value)

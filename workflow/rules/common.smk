@@ -12,8 +12,6 @@ from detprune import experiments as E
 from detprune import workflow as W
 from detprune.report import paper_tables as PT
 
-THREADS = config["threads"]
-
 
 def _experiments():
     if "table" not in config:

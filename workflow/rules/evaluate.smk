@@ -12,7 +12,7 @@ rule evaluate_baseline:
         log_path("evaluate_baseline"),
     benchmark:
         bench_path("evaluate_baseline")
-    threads: THREADS
+    threads: W.stage_threads(config, "evaluate")
     resources:
         mem_mb=4000,
         runtime=60,
@@ -37,7 +37,7 @@ rule evaluate_pruned:
         log_path("evaluate/{method}_flops{pct}"),
     benchmark:
         bench_path("evaluate/{method}_flops{pct}")
-    threads: THREADS
+    threads: W.stage_threads(config, "evaluate")
     resources:
         mem_mb=4000,
         runtime=60,

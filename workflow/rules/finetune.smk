@@ -12,7 +12,7 @@ rule finetune:
         log_path("finetune/{method}_flops{pct}"),
     benchmark:
         bench_path("finetune/{method}_flops{pct}")
-    threads: THREADS
+    threads: W.stage_threads(config, "finetune")
     resources:
         mem_mb=8000,
         runtime=24 * 60,

@@ -13,7 +13,7 @@ rule prune:
         log_path("prune/{method}_flops{pct}"),
     benchmark:
         bench_path("prune/{method}_flops{pct}")
-    threads: THREADS
+    threads: W.stage_threads(config, "prune")
     resources:
         mem_mb=8000,
         runtime=6 * 60,

@@ -11,7 +11,7 @@ rule sparse_train:
         log_path("sparse/{regularizer}"),
     benchmark:
         bench_path("sparse/{regularizer}")
-    threads: THREADS
+    threads: W.stage_threads(config, "sparse")
     resources:
         mem_mb=8000,
         runtime=24 * 60,

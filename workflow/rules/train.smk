@@ -10,7 +10,7 @@ rule train_baseline:
         log_path("train"),
     benchmark:
         bench_path("train")
-    threads: THREADS
+    threads: W.stage_threads(config, "train")
     resources:
         mem_mb=8000,
         runtime=24 * 60,
