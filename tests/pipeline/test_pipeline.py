@@ -116,3 +116,28 @@ def test_dvc_repro_runs_the_same_stages_with_identical_metrics(
         assert a["checkpoint"]["sha256"] == b["checkpoint"]["sha256"], rel  # bitwise weights
     shown = _run([str(BIN / "dvc"), "metrics", "show"], proj)
     assert "baseline@1" in shown.stdout
+
+
+def test_another_config_file_reuses_the_runs_jobs(snakemake_run):
+    """A method-family file (like config/miep.yaml) over the same results folder: the
+    command text names the config file through a placeholder, so Snakemake's code and params
+    triggers see the same jobs, and only the new method's jobs and the report are planned."""
+    proj, cfg = snakemake_run
+    family = proj / "config" / "family.yaml"
+    family.write_text(
+        "extends: config/config.yaml\nprune:\n  methods: [l1, uniform]\nreport:\n  name: family\n"
+    )
+    out = _run([str(BIN / "snakemake"), "--cores", "2", "-n", "--configfile", str(family)], proj)
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
+    assert jobs == {
+        "prune": "1",
+        "finetune": "1",
+        "evaluate_pruned": "1",
+        "make_report": "1",
+        "all": "1",
+        "total": "5",
+    }
+    planned = _run(
+        [str(BIN / "snakemake"), "--cores", "2", "-n", "-p", "--configfile", str(family)], proj
+    ).stdout
+    assert "detprune prune --config config/family.yaml --method uniform" in planned

@@ -17,8 +17,7 @@ def _experiments():
     if "table" not in config:
         if "profile" in config:
             raise ValueError("config field 'profile' is set but 'table' is not")
-        path = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
-        return {config["results"]: E.Experiment(config["results"], config)}, path, None
+        return {config["results"]: E.Experiment(config["results"], config)}, "{CONFIG_FILE}", None
     if "profile" not in config:
         raise ValueError("config field 'table' needs 'profile' (mini or paper)")
     tables = [E.load_table(name) for name in E.selected_tables(config["table"])]
@@ -32,8 +31,12 @@ def _experiments():
 # TABLES: the table specs of a table run (None for the default run)
 EXPERIMENTS, CONFIG_ARG, TABLES = _experiments()
 TABLE_SPECS = {t.name: t for t in TABLES or []}
-# The config path is part of the command, not of `params`: a run with another config
-# file that asks for the same job (same values of the keys it reads) reuses it.
+# The config file the default run's commands get: `{CONFIG_FILE}` stays a placeholder in
+# the rules' command text, filled from this global when a job's command is formatted.
+# Snakemake reruns a job when its rule's command text (its "code") or its `params` change,
+# so neither holds the path: a run with another config file that asks for the same job
+# (same values of the keys it reads, the `digest` param) reuses it.
+CONFIG_FILE = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
 CMD = {k: v.replace("{params.config}", CONFIG_ARG) for k, v in W.COMMANDS.items()}
 
 
