@@ -103,7 +103,11 @@ def test_dvc_repro_runs_the_same_stages_with_identical_metrics(
 ):
     smk_proj, cfg = snakemake_run
     proj = _project(root, tmp_path_factory.mktemp("dvc") / "proj", cfg)
-    _run([str(BIN / "dvc"), "init", "--no-scm", "-q"], proj)
+    # a git checkout with the repository's .gitignore, as a user's clone (DVC refuses to run
+    # when git ignores dvc.lock)
+    shutil.copy(root / ".gitignore", proj / ".gitignore")
+    _run(["git", "init", "-q"], proj)
+    _run([str(BIN / "dvc"), "init", "-q"], proj)
     _run([str(BIN / "detprune"), "dvc", "--config", "config/config.yaml"], proj)
     _run([str(BIN / "dvc"), "repro"], proj)
     status = _run([str(BIN / "dvc"), "status"], proj)
