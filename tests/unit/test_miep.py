@@ -116,8 +116,10 @@ def test_info_loss_is_zero_for_the_guide_itself_and_follows_the_formula():
     loss.setup([student], [guide])
     assert float(loss([student], [guide], [w])) == pytest.approx(0.75)
     assert float(InfoLoss("cosine", use_objectness=False)([student], [guide], [w])) == 0.5
-    # mse: per position mean over channels of the squared difference: 0 and 1
-    assert float(InfoLoss("mse")([student], [guide], [w])) == pytest.approx(0.75)
+    # mse: per position mean over channels of the squared difference (0 and 1) over the
+    # guide's mean square (0.5): 0 and 2, so L = (1 * 0 + 3 * 2) / 4 = 1.5, at any scale
+    assert float(InfoLoss("mse")([student], [guide], [w])) == pytest.approx(1.5)
+    assert float(InfoLoss("mse")([100 * student], [100 * guide], [w])) == pytest.approx(1.5)
 
 
 class Toy(nn.Module):

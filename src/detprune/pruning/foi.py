@@ -6,7 +6,9 @@ adapter of the current one, and ``Phi_obj = max(O_pre, O_cur)``, ``O`` the max o
 classes of the sigmoid of the head's classification logits at each position (a weight:
 no gradient flows through it). The ``|.|`` of the paper is read as the L1 norm of the
 non-negative weights, with the cosine kept signed (a weighted mean of the similarity).
-Variants: ``similarity="mse"`` (per-position mean squared error instead of ``1 - cos``)
+Variants: ``similarity="mse"`` (per-position mean squared error instead of ``1 - cos``,
+divided by the guide's mean square at that level so that it does not depend on the
+features' scale: on the raw features the pruning stage diverged to NaN / 1e26 losses)
 and ``objectness=False`` (``Phi_obj = 1``, Phi_pre only). The guide's BatchNorm layers
 normalise with the same statistics as the student's (the batch's, while it trains), so
 that L_info is 0 before pruning and measures only what pruning and training change.
@@ -236,7 +238,7 @@ class InfoLoss(nn.Module):
             w = w.detach().to(a.dtype)
             if self.similarity == "cosine":
                 d = 1 - F.cosine_similarity(a, g, dim=1, eps=1e-8)
-            else:
-                d = (a - g).pow(2).mean(dim=1)
+            else:  # relative to the guide's mean square: raw features' scale made it diverge
+                d = (a - g).pow(2).mean(dim=1) / g.pow(2).mean().clamp_min(1e-12)
             total = total + (w * d).sum() / w.sum().clamp_min(1e-12)
         return total
