@@ -56,8 +56,11 @@ class SlimImportance(tp.importance.Importance):
 
 def bn_scale_importance(ctx: PruneContext) -> tp.importance.Importance:
     """Network Slimming's |gamma| criterion (see :class:`SlimImportance`)."""
-    gammas = [m.weight.detach().abs().flatten() for m in ctx.model.modules()
-              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine]
+    gammas = [
+        m.weight.detach().abs().flatten()
+        for m in ctx.model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine
+    ]
     median = float(torch.cat(gammas).median()) if gammas else 1.0
     return SlimImportance(median)
 
