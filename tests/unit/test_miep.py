@@ -250,3 +250,21 @@ def test_progressive_miep_on_the_detector(tmp_path):
     # identity adapters, guide BN on the batch's statistics: 0 before anything was pruned
     assert info[0] == pytest.approx(0.0, abs=1e-5)
     assert all(v > 1e-3 for v in info[1:])  # then the pruned student departs from the guide
+
+
+@torch.no_grad()
+def test_refit_fits_each_width_of_a_neck_with_levels_of_different_widths():
+    """SSD-like neck: levels of different widths (an FPN's share one). After pruning, each
+    level's adapter is refitted by least squares to the guide, here an exact 1x1 map."""
+    torch.manual_seed(0)
+    student = [torch.randn(4, 3, 6, 6), torch.randn(4, 5, 3, 3)]
+    maps = [nn.Conv2d(3, 4, 1), nn.Conv2d(5, 6, 1)]
+    guide = [m(s) for m, s in zip(maps, student, strict=True)]
+    loss = InfoLoss("cosine", use_objectness=False)
+    loss.setup([torch.randn(1, 4, 6, 6), torch.randn(1, 6, 3, 3)], guide)  # unpruned widths
+    assert loss.refit(student, guide) == [0, 1]
+    assert [(a.in_channels, a.out_channels) for a in loss.adapters] == [(3, 4), (5, 6)]
+    for adapter, m in zip(loss.adapters, maps, strict=True):
+        assert torch.allclose(adapter.weight, m.weight, atol=0.05)
+    assert float(loss(student, guide, [None, None])) == pytest.approx(0.0, abs=1e-3)
+    assert loss.refit(student, guide) == []  # nothing stale any more

@@ -199,22 +199,28 @@ class InfoLoss(nn.Module):
 
     @torch.no_grad()
     def refit(self, student: Sequence[torch.Tensor], guide: Sequence[torch.Tensor]) -> list[int]:
-        """Refit, by ridge least squares over all levels' positions, the adapters whose input
-        width no longer matches the student (its neck was pruned); return their levels."""
+        """Refit, by ridge least squares, the adapters whose input width no longer matches
+        the student (its neck was pruned); return their levels. One fit per pair of
+        (student, guide) widths over the positions of all levels with those widths: every
+        level of an FPN neck shares one fit, SSD's levels of different widths get their own."""
         stale = [i for i, s in enumerate(student) if self.adapters[i].in_channels != s.shape[1]]
-        if not stale:
-            return []
-        x = torch.cat([s.permute(0, 2, 3, 1).reshape(-1, s.shape[1]) for s in student]).double()
-        y = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in guide]).double()
-        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        gram = x.T @ x
-        ridge = 1e-3 * gram.diagonal().mean().clamp_min(1e-12)
-        w = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), x.T @ y)
+        by_width: dict[tuple[int, int], list[int]] = {}
         for i in stale:
-            conv = nn.Conv2d(student[i].shape[1], guide[i].shape[1], 1).to(student[i].device)
-            conv.weight.copy_(w[:-1].T[:, :, None, None])
-            conv.bias.copy_(w[-1])
-            self.adapters[i] = conv
+            by_width.setdefault((student[i].shape[1], guide[i].shape[1]), []).append(i)
+        for (c_in, c_out), levels in by_width.items():
+            rows = [student[i].permute(0, 2, 3, 1).reshape(-1, c_in) for i in levels]
+            x = torch.cat(rows).double()
+            y = torch.cat([guide[i].permute(0, 2, 3, 1).reshape(-1, c_out) for i in levels])
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            gram = x.T @ x
+            ridge = 1e-3 * gram.diagonal().mean().clamp_min(1e-12)
+            eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+            w = torch.linalg.solve(gram + ridge * eye, x.T @ y.double())
+            for i in levels:
+                conv = nn.Conv2d(c_in, c_out, 1).to(student[i].device)
+                conv.weight.copy_(w[:-1].T[:, :, None, None])
+                conv.bias.copy_(w[-1])
+                self.adapters[i] = conv
         return stale
 
     def forward(
