@@ -7,6 +7,7 @@
 # own config file, written into its folder when the workflow loads.
 import os
 import re
+from pathlib import Path
 
 from detprune import experiments as E
 from detprune import workflow as W
@@ -17,7 +18,8 @@ def _experiments():
     if "table" not in config:
         if "profile" in config:
             raise ValueError("config field 'profile' is set but 'table' is not")
-        return {config["results"]: E.Experiment(config["results"], config)}, "{CONFIG_FILE}", None
+        path = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
+        return {config["results"]: E.Experiment(config["results"], config)}, path, None
     if "profile" not in config:
         raise ValueError("config field 'table' needs 'profile' (mini or paper)")
     tables = [E.load_table(name) for name in E.selected_tables(config["table"])]
@@ -27,17 +29,21 @@ def _experiments():
     return plan, "{wildcards.results}/config.yaml", tables
 
 
-# EXPERIMENTS: results folder -> Experiment; CONFIG_ARG: what the CLI gets as --config;
-# TABLES: the table specs of a table run (None for the default run)
+# EXPERIMENTS: results folder -> Experiment; CONFIG_ARG: the config file the CLI gets (the
+# run's file, or "{wildcards.results}/config.yaml" in a table run); TABLES: the table specs
+# of a table run (None for the default run)
 EXPERIMENTS, CONFIG_ARG, TABLES = _experiments()
 TABLE_SPECS = {t.name: t for t in TABLES or []}
-# The config file the default run's commands get: `{CONFIG_FILE}` stays a placeholder in
-# the rules' command text, filled from this global when a job's command is formatted.
-# Snakemake reruns a job when its rule's command text (its "code") or its `params` change,
-# so neither holds the path: a run with another config file that asks for the same job
-# (same values of the keys it reads, the `digest` param) reuses it.
-CONFIG_FILE = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
-CMD = {k: v.replace("{params.config}", CONFIG_ARG) for k, v in W.COMMANDS.items()}
+
+
+def get_config_path(wildcards):
+    """`params.config`: a Path, which Snakemake leaves out of its params rerun trigger (it
+    records only builtin values), so a run with another config file that asks for the same
+    job (same values of the keys it reads, the `digest` param) reuses it."""
+    return Path(CONFIG_ARG.format(wildcards=wildcards))
+
+
+CMD = W.COMMANDS
 
 
 wildcard_constraints:

@@ -5,6 +5,7 @@ rule synth_data:
         train_images=directory(os.path.join(P("synth"), "train")),
         val_images=directory(os.path.join(P("synth"), "val")),
     params:
+        config=get_config_path,
         out_dir=out_dir("train_ann"),
         digest=get_params("synth"),
     log:
@@ -27,6 +28,7 @@ rule synth_cls_data:
         train=directory(os.path.join(P("synth_cls"), "train")),
         val=directory(os.path.join(P("synth_cls"), "val")),
     params:
+        config=get_config_path,
         out_dir=out_dir("train"),
         digest=get_params("synth"),
     log:

@@ -5,6 +5,7 @@ rule evaluate_baseline:
     output:
         metrics=P("metrics_baseline"),
     params:
+        config=get_config_path,
         method="baseline",
         flops=1.0,
         digest=get_params("evaluate"),
@@ -30,6 +31,7 @@ rule evaluate_pruned:
     output:
         metrics=P("metrics"),
     params:
+        config=get_config_path,
         method="{method}",
         flops=get_flops,
         digest=get_params("evaluate"),

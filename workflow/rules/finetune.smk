@@ -6,6 +6,7 @@ rule finetune:
     output:
         model=P("finetuned"),
     params:
+        config=get_config_path,
         method="{method}",
         digest=get_params("finetune"),
     log:

@@ -6,6 +6,7 @@ rule prune:
         model=P("pruned"),
         summary=P("prune_summary"),
     params:
+        config=get_config_path,
         method="{method}",
         flops=get_flops,
         digest=get_params("prune"),

@@ -17,6 +17,7 @@ if TABLES is None:
                 REPORT["channels"], category="Figures", caption="../report/channels.rst"
             ),
         params:
+            config=get_config_path,
             tables_dir=out_dir("csv"),
             figures_dir=out_dir("map_vs_flops"),
             digest=get_params("report"),

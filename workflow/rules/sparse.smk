@@ -5,6 +5,7 @@ rule sparse_train:
     output:
         model=P("sparse"),
     params:
+        config=get_config_path,
         regularizer="{regularizer}",
         digest=get_params("sparse"),
     log:

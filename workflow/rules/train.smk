@@ -5,6 +5,7 @@ rule train_baseline:
     output:
         model=P("baseline"),
     params:
+        config=get_config_path,
         digest=get_params("train"),
     log:
         log_path("train"),
