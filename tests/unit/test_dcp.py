@@ -179,3 +179,30 @@ def test_dcp_prunes_the_detector_to_the_flops_target(tmp_path: Path):
     assert stages["backbone.body.layer1.0.conv1"] == 0
     assert stages["backbone.body.layer4.0.conv1"] == 3
     assert all(g["kept"] < g["channels"] for g in dcp["groups"])
+
+
+def test_a_step_that_raises_the_loss_is_undone_and_the_lr_halved():
+    gen = torch.Generator().manual_seed(2)
+    x = 30.0 * torch.randn(4, 8, 8, 8, generator=gen)  # large activations, as after a neck
+    teacher = torch.randn(6, 8, 3, 3, generator=gen)
+    conv, consumer, loss_fn = _layer_and_loss(x, teacher, teacher + 0.1)
+    keep = torch.ones(8, dtype=torch.bool)
+    before = float(loss_fn(0).detach())
+    opt = torch.optim.SGD([conv.weight], lr=0.01, momentum=0.9)  # DCP's layer lr
+    loss = fit_selected([consumer], keep, loss_fn, 1, 12, opt)
+    # the mean squared error's curvature is about 2 * 900 / 6 = 300 > 2 / lr: the guard
+    # undoes the rising steps and halves the lr until a step descends
+    assert opt.param_groups[0]["lr"] <= 0.01 / 4
+    assert torch.isfinite(conv.weight).all()
+    assert loss < before
+    plain = nn.Conv2d(8, 6, 3, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(teacher + 0.1)
+    target = nn.functional.conv2d(x, teacher)
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        sgd.zero_grad()
+        nn.functional.mse_loss(plain(x), target).backward()
+        sgd.step()
+    with torch.no_grad():
+        assert float(nn.functional.mse_loss(plain(x), target)) > 1e3 * before  # unguarded diverges
