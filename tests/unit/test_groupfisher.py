@@ -142,3 +142,35 @@ def test_groupfisher_preset_and_user_override():
 def test_progressive_groupfisher_on_the_detector(tmp_path):
     report = check_progressive_run("groupfisher", tmp_path)
     assert report["options"]["normalize_flops"] and not report["options"]["foi"]
+
+
+class _Losses(nn.Module):
+    """A detector's interface, ``model(images, targets) -> {name: loss}``, on the chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = chain()
+
+    def forward(self, images: torch.Tensor, targets: list) -> dict[str, torch.Tensor]:
+        return {"loss": 1e3 * self.net(images).pow(2).mean()}
+
+
+def test_pruning_stage_steps_clip_the_gradient_norm():
+    from detprune.pruning.progressive import DEFAULTS, train_step
+
+    assert DEFAULTS["clip_grad_norm"] == 35.0
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for clip in (None, 1.0):
+        model = _Losses()
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=(x[:1], []))
+        fisher = MaskFisher(model, prunable_groups(dg, model, ["net.3"]), "shared_mask")
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        out = train_step(model, (x, []), fisher, opt, None, clip)
+        moved[clip] = torch.cat(
+            [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+        ).norm()
+        assert out.get("clipped") == (None if clip is None else 1.0)
+    assert float(moved[None]) > 10.0  # the unclipped step: lr 1 times a large gradient
+    assert float(moved[1.0]) == pytest.approx(1.0, rel=1e-4)  # lr 1 times norm 1

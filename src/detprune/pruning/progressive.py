@@ -53,6 +53,10 @@ DEFAULTS: dict[str, Any] = {
     "channels_per_step": None,  # a fixed channel count per step instead (shrunk near the end)
     "max_steps": 200,
     "lr_scale": 0.2,  # pruning-stage lr = train lr * lr_scale
+    # gradient-norm clipping of the pruning-stage steps (mmdetection's max_norm for its
+    # one-stage detectors); null: none. Without it miep-mse diverged on GFL at 10 % FLOPs
+    # (L_info 1.8 -> 18003 -> 2e29 in 15 iterations after the neck was pruned).
+    "clip_grad_norm": 35.0,
     "normalize_flops": True,  # divide a group's importance by the MACs of one of its channels
     "coupling": "shared_mask",  # coupled layers share one mask | "sum" of per-layer Fisher
     "tli": True,
@@ -234,8 +238,10 @@ def train_step(
     fisher: MaskFisher,
     optimizer: torch.optim.Optimizer,
     foi: FOIState | None,
+    clip: float | None = None,
 ) -> dict[str, float]:
-    """One training iteration that also folds the mask gradients into the Fisher."""
+    """One training iteration that also folds the mask gradients into the Fisher; with
+    ``clip``, the gradient norm over the optimizer's parameters is clipped to it."""
     images, targets = batch
     model.train()
     with fisher.masks(len(images)), foi.student.record() if foi else nullcontext():
@@ -259,6 +265,10 @@ def train_step(
         else:  # pruning only: the gradient reaches the masks and the adapters, not the model
             info.backward(inputs=fisher.mask_tensors() + list(foi.loss.parameters()))
         fisher.collect("foi")
+    if clip is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        out["clipped"] = float(not norm <= clip)
     optimizer.step()
     return out
 
@@ -291,9 +301,10 @@ def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
         "momentum": float(sched.get("momentum", 0.9)),
         "weight_decay": float(sched.get("weight_decay", 1e-4)),
     }
+    clip = None if opts["clip_grad_norm"] is None else float(opts["clip_grad_norm"])
     batches = ctx.batches()
     steps: list[dict[str, Any]] = []
-    iterations, training = 0, 0.0
+    iterations, training, clipped = 0, 0.0, 0
     while macs / base > target and len(steps) < int(opts["max_steps"]):
         groups = prunable_groups(dg, model, ctx.ignored)
         fisher = MaskFisher(model, groups, opts["coupling"])
@@ -302,7 +313,7 @@ def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
             optimizer.add_param_group({"params": list(foi.loss.parameters()), "weight_decay": 0.0})
         tick = time.perf_counter()
         logs = [
-            train_step(model, next(batches), fisher, optimizer, foi)
+            train_step(model, next(batches), fisher, optimizer, foi, clip)
             for _ in range(int(opts["interval"]))
         ]
         training += time.perf_counter() - tick
@@ -344,7 +355,8 @@ def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
         macs = ctx.macs_fn(model)
         if foi is not None and foi.loss.refit(*_example_features(foi, model, example)):
             log.info("neck pruned: FOI adapters refitted")
-        mean = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        mean = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0] if k != "clipped"}
+        clipped += sum(int(d.get("clipped", 0)) for d in logs)
         steps.append({"kept": macs / base, "channels": sum(len(i) for _, i in chosen), **mean})
         log.info(
             "step %d: removed %d channels, kept %.4f of MACs (target %.3f), loss %.3f",
@@ -364,6 +376,7 @@ def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
         tol,
         steps=len(steps),
         iterations=iterations,
+        clipped_iterations=clipped,
         seconds=time.perf_counter() - start,
         seconds_training=training,
         progress=steps,
