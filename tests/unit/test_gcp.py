@@ -241,6 +241,9 @@ def test_gcp_reaches_half_the_flops_and_is_physically_smaller(pruned_detector):
     share = {g: r / n for g, (r, n) in removed.items()}
     assert share["stride4"] < share["stride32"]  # shallow stages pruned least
     assert result.report["beta_folding"]["folded"] > 0
+    # at 50 % the scaled fractions stay below 1: no group is cut to the per-layer minimum
+    assert result.report["saturated_groups"] == []
+    assert all(f < 1.0 for f in result.report["fractions"].values())
 
 
 def test_gcp_model_runs_and_reloads_to_identical_outputs(pruned_detector, tmp_path: Path):
@@ -311,6 +314,7 @@ def test_gcp_through_the_prune_stage_with_configured_fractions(
     used = record["fractions"]
     ratio = used["stride32"] / 0.9
     assert all(used[g] == pytest.approx(min(1.0, f * ratio)) for g, f in fractions.items())
+    assert record["saturated_groups"] == sorted(g for g, f in fractions.items() if f * ratio >= 1)
     reloaded, _ = checkpoint.load_model(tmp_path / "p.pt")
     assert count_params(reloaded) == record["params_after"]
     with pytest.raises(KeyError, match="unknown groups"):

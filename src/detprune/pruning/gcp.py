@@ -344,6 +344,15 @@ def gcp_prune(ctx: PruneContext, method: Method, target: float | None) -> PruneR
         ]
         for g in fractions
     }
+    # a group scaled to a fraction of 1 keeps only the per-layer minimum: the relative
+    # fractions do not suit this detector at this target (set prune.options.<m>.fractions)
+    saturated = sorted(g for g, f in scaled(scale).items() if f >= 1.0 and fractions[g] < 1.0)
+    if saturated:
+        log.warning(
+            "GCP: groups %s scaled to fraction 1 keep only %d channels per layer",
+            saturated,
+            min_ch,
+        )
     report = make_report(
         ctx.model,
         pruned,
@@ -354,6 +363,7 @@ def gcp_prune(ctx: PruneContext, method: Method, target: float | None) -> PruneR
         allocation="gcp-groups",
         scale=scale,
         fractions=scaled(scale),
+        saturated_groups=saturated,
         min_channels=min_ch,
         removed_per_group=removed,
         beta_folding=folded,
