@@ -10,7 +10,13 @@ from detprune.models import MODELS, build_model
 from detprune.pruning.gcp import apply_plan, coupled_units, select_channels
 from detprune.train import checkpoint
 from detprune.train.distill import DISTILLERS
-from detprune.train.sad import SAD_LOSSES, attention_loss, attention_map, sigmoid_kl
+from detprune.train.sad import (
+    DEFAULT_WEIGHTS,
+    SAD_LOSSES,
+    attention_loss,
+    attention_map,
+    sigmoid_kl,
+)
 
 NAME = "fasterrcnn_narrow_fpn"
 SIZE = 64
@@ -109,7 +115,7 @@ def test_group_weights_and_output_distillation(teacher_student):
     for name, opts in {
         "default": {},
         "neck_only": {"weights": {g: 0.0 for g in MODELS[NAME].groups if g != "neck"}},
-        "doubled": {"weights": {g: 2e3 if g != "neck" else 2e1 for g in MODELS[NAME].groups}},
+        "doubled": {"weights": {g: 2 * DEFAULT_WEIGHTS[g] for g in MODELS[NAME].groups}},
         "output": {"output": True},
     }.items():
         s, t = copy.deepcopy(student), copy.deepcopy(teacher)
