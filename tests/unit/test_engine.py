@@ -96,3 +96,29 @@ def test_same_seed_same_weights_and_resume_matches_uninterrupted(data, tmp_path:
     c = _fit(data, tmp_path / "c.pt")
     assert all(torch.equal(a[k], c[k]) for k in a)
     assert not (tmp_path / "c.pt.resume.pt").exists()
+
+
+class _Quadratic(torch.nn.Module):
+    """``model(images, targets) -> {name: loss}`` with a gradient of norm 2e3 * |w|."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((4,), 1.0))
+
+    def forward(self, images: list, targets: list) -> dict[str, torch.Tensor]:
+        return {"loss": 1e3 * self.w.pow(2).sum()}
+
+
+def test_clip_grad_norm_bounds_each_step():
+    from detprune.train.engine import train_one_epoch
+
+    moved = {}
+    for clip in (None, 0.5):
+        model = _Quadratic()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+        loader = [([torch.zeros(3, 4, 4)], [{}])]
+        train_one_epoch(model, opt, sched, loader, torch.device("cpu"), 0, clip=clip)
+        moved[clip] = float((model.w.detach() - 1.0).norm())
+    assert moved[None] == pytest.approx(0.01 * 2e3 * 2.0)  # lr x |grad| = 0.01 x 4000
+    assert moved[0.5] == pytest.approx(0.01 * 0.5)  # lr x the clipped norm

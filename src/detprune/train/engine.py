@@ -131,6 +131,7 @@ def train_one_epoch(
     loss_hook: LossHook | None = None,
     grad_hook: GradHook | None = None,
     progress: tuple[int, int] = (0, 1),
+    clip: float | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term.
 
@@ -153,6 +154,7 @@ def train_one_epoch(
         loss_hook=loss_hook,
         grad_hook=grad_hook,
         progress=progress,
+        clip=clip,
     )
     return run.means()
 
@@ -192,10 +194,13 @@ def _run_epoch(
     grad_hook: GradHook | None,
     progress: tuple[int, int],
     should_stop: Callable[[], bool] | None = None,
+    clip: float | None = None,
 ) -> bool:
     """Train from ``run.done`` to ``run.total`` iterations; ``net`` runs forward/backward
     (the model or its DDP wrapper), the hooks get ``model``. Returns True when
-    ``should_stop()`` (asked after each iteration but the epoch's last) ended it early."""
+    ``should_stop()`` (asked after each iteration but the epoch's last) ended it early.
+    With ``clip`` the gradient norm is clipped to it (after AMP's unscaling, before the
+    sparsity ``grad_hook``)."""
     net.train()
     if run.done >= run.total:
         return False
@@ -215,6 +220,8 @@ def _run_epoch(
             scaler.unscale_(optimizer)
         else:
             loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if grad_hook is not None:
             grad_hook(model, (progress[0] + run.done / max(run.total, 1)) / progress[1])
         if scaler is not None:
@@ -421,6 +428,7 @@ def _fit(
                 grad_hook=grad_hook,
                 progress=(epoch, epochs),
                 should_stop=should_stop,
+                clip=sched.get("clip_grad_norm"),
             )
             if stopped:
                 tr.save(resume, epoch, run)
