@@ -39,7 +39,10 @@ def table_seconds(results: str, profile: str, name: str) -> tuple[float, int] | 
             if reg:
                 stages.append(f"sparse/{reg}")
             tag = f"{method}_flops{W.pct(flops)}"
-            stages += [f"prune/{tag}", f"finetune/{tag}", f"evaluate/{tag}"]
+            ft = f"{W.finetune_rule(exp.config, method)}/{tag}"
+            if not (bench / f"{ft}.tsv").is_file():  # runs from before finetune_distill
+                ft = f"finetune/{tag}"
+            stages += [f"prune/{tag}", ft, f"evaluate/{tag}"]
         files += [bench / f"{s}.tsv" for s in dict.fromkeys(stages)]
     files.append(Path(results) / "benchmarks" / "tables" / profile / f"{name}.tsv")
     if not all(f.is_file() for f in files):

@@ -175,6 +175,23 @@ def sparsity_of(method: str) -> str | None:
     return get_method(method).sparsity
 
 
+def distillation(config: Mapping[str, Any], method: str) -> str | None:
+    """The distillation ``method`` is fine-tuned with: ``finetune.methods.<m>.distill``,
+    else the registry's (``sad`` for gcp-sad, ``lcp`` for lcp), else None."""
+    from detprune.pruning.methods import get_method
+
+    own = _get(config, f"finetune.methods.{method}")
+    if isinstance(own, Mapping) and "distill" in own:
+        return own["distill"]
+    return get_method(method).distill
+
+
+def finetune_rule(config: Mapping[str, Any], method: str) -> str:
+    """``finetune_distill`` for a method fine-tuned with distillation from the unpruned
+    teacher (its own rule, logs and benchmarks), else ``finetune``."""
+    return "finetune_distill" if distillation(config, method) else "finetune"
+
+
 def regularizers(config: Mapping[str, Any]) -> list[str]:
     """The sparse-training stages the configured methods need, in config order."""
     out: list[str] = []
@@ -373,16 +390,17 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
                 stage_params(config, "prune", method=method),
             )
         )
+        ft_dir = finetune_rule(config, method)
         stages.append(
             Stage(
-                f"finetune_{tag}",
+                f"{ft_dir}_{tag}",
                 _cmd(
                     "finetune",
                     params=mp,
                     input={"model": pr, "teacher": base, **train_in},
                     output={"model": ft},
                     threads=stage_threads(config, "finetune"),
-                    log=path("log", config, stage=f"finetune/{tag}"),
+                    log=path("log", config, stage=f"{ft_dir}/{tag}"),
                 ),
                 [pr, base, *train_in.values()],
                 [ft],

@@ -14,11 +14,12 @@ import pytest
 import yaml
 
 from detprune import experiments as E
+from detprune import workflow as W
 from tests.conftest import ROOT, TINY, write_config
 from tests.helpers import BIN, ENV, project, run
 
 SLURM_ENV = {**ENV, "SBATCH_PARTITION": "debug", "SBATCH_ACCOUNT": "detprune"}
-GPU_RULES = {"train_baseline", "sparse_train", "prune", "finetune"}
+GPU_RULES = {"train_baseline", "sparse_train", "prune", "finetune", "finetune_distill"}
 
 
 def _table_project(dest: Path, cfg: dict) -> Path:
@@ -164,7 +165,17 @@ def test_paper_profile_plans_every_table_on_the_cluster(tmp_path):
     assert len(exps) == 9  # GFL, SSD, Faster R-CNN, FSAF, RetinaNet (COCO), 2 VOC, R50, YOLOv4
     assert len(plan["train_baseline"]) == len(exps)
     # 59 (method, FLOPs) jobs; the mini profile shares COCO and VOC experiments: 55
-    assert len(plan["prune"]) == len(plan["finetune"]) == len(jobs) == 59
+    assert len(plan["prune"]) == len(jobs) == 59
+    # fine-tuning with distillation (gcp-sad's SAD, lcp's loss) is its own rule
+    distilled = {
+        (r, m, f)
+        for r, e in exps.items()
+        for m, f in e.targets
+        if W.finetune_rule(e.config, m) == "finetune_distill"
+    }
+    assert {m for _, m, _ in distilled} == {"gcp-sad", "lcp"}
+    assert len(plan["finetune_distill"]) == len(distilled)
+    assert len(plan["finetune"]) + len(distilled) == 59
     assert len(plan["paper_table"]) == 9
     assert len(plan["sparse_train"]) == 4  # depgraph on GFL and SSD, slim and gcp on YOLOv4
     for rule in GPU_RULES:

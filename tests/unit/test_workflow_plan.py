@@ -62,3 +62,49 @@ def test_dvc_check_flags_a_stale_file(root, tmp_path: Path):
         text=True,
     )
     assert res.returncode != 0 and "stale" in res.stderr
+
+
+def test_distilling_methods_get_their_own_rule_and_dvc_stage(root, monkeypatch):
+    from detprune.workflow import finetune_rule
+
+    monkeypatch.chdir(root)
+    cfg = load_config("config/gcp.yaml")
+    assert [finetune_rule(cfg, m) for m in ("gcp", "gcp-sad", "lcp", "l1")] == [
+        "finetune",
+        "finetune_distill",
+        "finetune_distill",
+        "finetune",
+    ]
+    over = {**cfg, "finetune": {**cfg["finetune"], "methods": {"l1": {"distill": "sad"}}}}
+    assert finetune_rule(over, "l1") == "finetune_distill"
+    over["finetune"]["methods"] = {"gcp-sad": {"distill": None}}
+    assert finetune_rule(over, "gcp-sad") == "finetune"
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2"]
+        + ["--configfile", "config/gcp.yaml"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    jobs = out.split("\nrule ")
+    distilled = sorted(
+        j.split("method=")[1].split(",")[0] for j in jobs if j.startswith("finetune_distill:")
+    )
+    plain = {j.split("method=")[1].split(",")[0] for j in jobs if j.startswith("finetune:")}
+    assert distilled == ["gcp-sad"] * 3  # SAD: its own rule, one job per FLOPs target
+    assert plain == {"l1", "slim", "gcp"}
+    stages = yaml.safe_load(dvc_yaml(cfg, "config/gcp.yaml"))["stages"]
+    assert sorted(s for s in stages if s.startswith("finetune_distill_")) == [
+        "finetune_distill_gcp-sad_flops10",
+        "finetune_distill_gcp-sad_flops25",
+        "finetune_distill_gcp-sad_flops50",
+    ]
+    planned = {
+        line.removeprefix("Shell command: ")
+        for line in out.splitlines()
+        if line.startswith("Shell command: detprune finetune")
+    }
+    assert planned == {s["cmd"] for n, s in stages.items() if n.startswith("finetune")}

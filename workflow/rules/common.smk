@@ -45,6 +45,21 @@ def get_config_path(wildcards):
 
 CMD = W.COMMANDS
 
+# Methods fine-tuned with distillation from the unpruned teacher (gcp-sad's SAD, lcp's
+# auxiliary loss): rule finetune_distill, the others rule finetune; one regex each.
+DISTILLED = sorted(
+    {
+        m
+        for e in EXPERIMENTS.values()
+        for m in ([t[0] for t in e.targets] or e.config["prune"]["methods"])
+        if W.finetune_rule(e.config, m) == "finetune_distill"
+    }
+)
+_DISTILLED_RE = "|".join(re.escape(m) for m in DISTILLED) or "(?!)"
+METHOD_DISTILLED = rf"(?:{_DISTILLED_RE})"
+# not a distilled name (a whole name: the lookahead stops at the wildcard's end)
+METHOD_PLAIN = rf"(?!(?:{_DISTILLED_RE})(?![a-z0-9_-]))[a-z][a-z0-9_-]*"
+
 
 wildcard_constraints:
     results="|".join(re.escape(r) for r in EXPERIMENTS),

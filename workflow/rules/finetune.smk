@@ -1,4 +1,9 @@
+# Fine-tuning of a pruned model; finetune_distill: the same stage for methods that
+# distill from the unpruned teacher (SAD, LCP's loss), so distillation shows in the DAG
+# as its own rule with its own logs and benchmarks.
 rule finetune:
+    wildcard_constraints:
+        method=METHOD_PLAIN,
     input:
         unpack(get_train_data),
         model=P("pruned"),
@@ -22,3 +27,12 @@ rule finetune:
         "../envs/detprune.yaml"
     shell:
         CMD["finetune"]
+
+
+use rule finetune as finetune_distill with:
+    wildcard_constraints:
+        method=METHOD_DISTILLED,
+    log:
+        log_path("finetune_distill/{method}_flops{pct}"),
+    benchmark:
+        bench_path("finetune_distill/{method}_flops{pct}")
