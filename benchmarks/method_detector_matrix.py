@@ -1,7 +1,8 @@
 """Every pruning procedure on every CPU detector: a run check, written as a Markdown matrix.
 
-Each detector's CPU configuration is built with its initial weights (no training: this
-checks that a method's surgery works on the detector's graph, not its accuracy), pruned
+Each detector's CPU configuration is built with its initial weights, BatchNorm scales
+drawn from U(0.5, 1.5) so that |gamma| criteria have no ties (no training: this checks
+that a method's surgery works on the detector's graph, not its accuracy), pruned
 to 50 % of its MACs by one method of each procedure family with a small calibration
 budget, reloaded from its checkpoint (`weights_only`) and run on an image.
 
@@ -61,6 +62,11 @@ def run(data: Path, config: Path, target: float) -> list[dict]:
             spec = checkpoint.model_spec(det, len(ann["categories"]), {})
             torch.manual_seed(0)
             model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
+                        m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
             base = Path(tmp) / f"{det}.pt"
             checkpoint.save(base, spec=spec, model=model, history=[], meta={})
             for method in METHODS:
@@ -128,8 +134,9 @@ def main() -> None:
         "# Every pruning procedure on every CPU detector\n\n"
         f"`python benchmarks/method_detector_matrix.py` ({time.strftime('%Y-%m-%d')}): "
         f"{ok} of {len(rows)} (detector, method) pairs pruned to the target within 2 %, "
-        "reloaded and ran. Initial weights, small calibration budget: a check of the "
-        "surgery on each graph, not of accuracy.\n\n"
+        "reloaded and ran. Initial weights (BN scales from U(0.5, 1.5)), small calibration "
+        "budget, no sparse training before slim / gcp: a check of the surgery on each "
+        "graph, not of accuracy.\n\n"
     )
     args.out.write_text(head + markdown(rows, args.target))
 

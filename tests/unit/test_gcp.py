@@ -336,3 +336,15 @@ def test_gcp_methods_are_registered():
     assert METHODS["gcp"].distill is None and METHODS["gcp-sad"].distill == "sad"
     assert METHODS["gcp"].procedure is METHODS["gcp-sad"].procedure
     assert METHODS["gcp"].family == METHODS["gcp-sad"].family == "gcp"
+
+
+def test_a_groupnorm_unit_loses_whole_slots():
+    from detprune.pruning.gcp import Unit, select_channels
+
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.8, 0.7, 0.2, 0.4, 0.6])  # two blocks of 4
+    unit = Unit("conv", "neck", scores, channel_groups=2)
+    plan = select_channels([unit], {"neck": 0.5}, min_channels=1)
+    # 4 channels asked: the 2 slots of lowest mean score, (1, 5) and (2, 6)
+    assert plan == {"conv": [1, 2, 5, 6]}
+    plan = select_channels([unit], {"neck": 1.0}, min_channels=1)
+    assert plan == {"conv": [1, 2, 5, 6]}  # at most block - 2 slots: 2 channels per block stay

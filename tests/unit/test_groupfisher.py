@@ -174,3 +174,24 @@ def test_pruning_stage_steps_clip_the_gradient_norm():
         assert out.get("clipped") == (None if clip is None else 1.0)
     assert float(moved[None]) > 10.0  # the unclipped step: lr 1 times a large gradient
     assert float(moved[1.0]) == pytest.approx(1.0, rel=1e-4)  # lr 1 times norm 1
+
+
+def test_groupnorm_channels_go_slot_wise_and_two_stay_per_block():
+    from detprune.pruning.progressive import select_channels
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.rand(1, 3, 8, 8))
+    groups = prunable_groups(dg, net, ["3"])
+    (info,) = groups
+    assert (info.root_name, info.width, info.channel_groups) == ("0", 8, 2)
+    # slot j is channels j and j + 4; slot 1 is the least important on average
+    scores = {"0": torch.tensor([5.0, 0.1, 3.0, 4.0, 5.0, 0.3, 3.0, 4.0])}
+    args = {"costs": {"0": 1.0}, "keep": {"0": 1}, "allowance": 100.0}
+    chosen = select_channels(groups, scores, remaining=100.0, budget=2.0, **args)
+    assert [(i.root_name, idxs) for i, idxs in chosen] == [("0", [1, 5])]
+    chosen = select_channels(groups, scores, remaining=100.0, budget=100.0, **args)
+    assert chosen[0][1] == [1, 2, 5, 6]  # two channels stay in each block of GroupNorm
+    group = dg.get_pruning_group(info.root_module, info.pruning_fn, chosen[0][1])
+    group.prune()
+    assert net[1].num_channels == 4 and net(torch.rand(2, 3, 8, 8)).shape == (2, 4, 6, 6)

@@ -23,6 +23,7 @@ import torch_pruning as tp
 from torch import nn
 
 from detprune.pruning.core import PruneResult, make_report
+from detprune.pruning.importance.fisher import channel_groups
 
 if TYPE_CHECKING:
     from detprune.pruning.base import Method
@@ -86,6 +87,7 @@ class Unit:
     root: str
     group: str
     scores: torch.Tensor
+    channel_groups: int = 1  # GroupNorm / grouped conv blocks (pruned slot-wise)
 
 
 def scale_group_of(name: str, groups: Mapping[str, Sequence[str]]) -> str | None:
@@ -118,7 +120,7 @@ def coupled_units(
         if owner is None:
             log.info("coupled group of %s is in no GCP group: not pruned", root)
             continue
-        units.append(Unit(root, owner, imp(grp)))
+        units.append(Unit(root, owner, imp(grp), channel_groups(dg, grp)))
     return units
 
 
@@ -149,9 +151,24 @@ def select_channels(
         for i, unit in enumerate(members):
             picked = chan[chosen[owner[chosen] == i]]  # in ascending score order
             cap = len(unit.scores) - layer_minimum(len(unit.scores), min_channels)
+            if unit.channel_groups > 1:
+                picked = _slot_wise(unit, min(len(picked), max(cap, 0)))
             if cap > 0 and len(picked):
                 plan[unit.root] = sorted(int(c) for c in picked[:cap])
     return plan
+
+
+def _slot_wise(unit: Unit, n: int) -> torch.Tensor:
+    """At most ``n`` channels of a unit with channel groups, as whole slots (the same
+    position in every block, scored by the mean over the blocks); at least 2 channels stay
+    per block, so GroupNorm keeps equal groups of more than one channel."""
+    g, width = unit.channel_groups, len(unit.scores)
+    if width % g:
+        return torch.zeros(0, dtype=torch.long)
+    block = width // g
+    slots = min(n // g, max(block - 2, 0))
+    order = torch.argsort(unit.scores.reshape(g, block).mean(0), stable=True)[:slots]
+    return (order[None, :] + block * torch.arange(g)[:, None]).flatten()
 
 
 def _pruning_group(dg: tp.DependencyGraph, model: nn.Module, root: str, idxs: list[int]):

@@ -118,6 +118,18 @@ def min_widths(
     return out
 
 
+def _slots(info: GroupInfo, score: torch.Tensor) -> list[tuple[float, list[int]]]:
+    """A group's removable units with their score: single channels, or with channel
+    groups the same slot of every block (scored by the mean over the blocks, as
+    torch-pruning does), so that GroupNorm keeps equal groups."""
+    g = info.channel_groups
+    if g <= 1 or info.width % g:
+        return [(float(v), [i]) for i, v in enumerate(score)]
+    block = info.width // g
+    mean = score.reshape(g, block).mean(0)
+    return [(float(mean[j]), [j + k * block for k in range(g)]) for j in range(block)]
+
+
 def select_channels(
     groups: list[GroupInfo],
     scores: Mapping[str, torch.Tensor],
@@ -131,21 +143,26 @@ def select_channels(
 ) -> list[tuple[GroupInfo, list[int]]]:
     """The least important channels over all groups: take them in ascending score until
     ``count`` channels (or ``budget`` MACs) are taken or the target (``remaining`` MACs) is
-    reached, skipping any that would exceed ``allowance`` MACs or a group's ``keep``."""
+    reached, skipping any that would exceed ``allowance`` MACs or a group's ``keep``. A
+    group with channel groups gives up one slot of every block at a time, and keeps at
+    least two channels per block."""
     cands = sorted(
-        (float(s), info.root_name, i)
+        (s, info.root_name, idxs)
         for info in groups
-        for i, s in enumerate(scores[info.root_name])
+        for s, idxs in _slots(info, scores[info.root_name])
     )
     by_name = {info.root_name: info for info in groups}
     taken: dict[str, list[int]] = {}
     total = 0.0
-    for _, name, idx in cands:
+    for _, name, idxs in cands:
         info = by_name[name]
-        if len(taken.get(name, [])) >= info.width - keep[name] or total + costs[name] > allowance:
+        k = len(idxs)
+        floor = keep[name] if k == 1 else max(keep[name], 2 * k)
+        cost = costs[name] * k
+        if len(taken.get(name, [])) + k > info.width - floor or total + cost > allowance:
             continue
-        taken.setdefault(name, []).append(idx)
-        total += costs[name]
+        taken.setdefault(name, []).extend(idxs)
+        total += cost
         n = sum(len(v) for v in taken.values())
         if total >= remaining or (n >= count if count else total >= budget):
             break

@@ -41,6 +41,7 @@ class GroupInfo:
     root_name: str
     width: int
     taps: list[Tap] = field(default_factory=list)
+    channel_groups: int = 1  # GroupNorm / grouped conv: prune the same slot in every block
 
     @property
     def root_module(self) -> nn.Module:
@@ -95,10 +96,29 @@ def prunable_groups(
     out = []
     for group in dg.get_all_groups(ignored_layers=skip, root_module_types=PRUNABLE):
         root = group[0].dep.target.module
-        out.append(
-            GroupInfo(group, dg._module2name[root], len(group[0].idxs), group_taps(dg, group))
-        )
+        info = GroupInfo(group, dg._module2name[root], len(group[0].idxs), group_taps(dg, group))
+        info.channel_groups = channel_groups(dg, group)
+        out.append(info)
     return out
+
+
+def channel_groups(dg: tp.DependencyGraph, group: tp.Group) -> int:
+    """The channel groups of a coupled group (GroupNorm's ``num_groups``, a grouped conv's
+    ``groups``; depthwise convs excluded), as torch-pruning's pruners count them: channels
+    must go as the same slot of every one of the equal blocks, or GroupNorm breaks."""
+    n = 1
+    for item in group:
+        mod = item.dep.target.module
+        if isinstance(mod, nn.Conv2d) and mod.groups == mod.out_channels:
+            continue
+        pruner = dg.get_pruner_of_module(mod)
+        if pruner is None:
+            continue
+        if dg.is_out_channel_pruning_fn(item.dep.handler):
+            n = max(n, int(pruner.get_out_channel_groups(mod)))
+        else:
+            n = max(n, int(pruner.get_in_channel_groups(mod)))
+    return n
 
 
 class MaskFisher:
