@@ -26,6 +26,7 @@ from detprune.train.sparsity import REGULARIZERS, SparsityContext
 from detprune.utils.io import write_json
 from detprune.utils.provenance import provenance
 from detprune.utils.seed import seed_everything
+from detprune.workflow import distillation
 
 log = logging.getLogger("detprune")
 
@@ -277,7 +278,7 @@ def finetune(
     unpruned ``teacher_path``."""
     seed_everything(config["seed"])
     sched = finetune_schedule(config, method)
-    distill = sched.get("distill", get_method(method).distill)
+    distill = distillation(config, method)
     model, ckpt = checkpoint.load_model(ckpt_path)
     spec = ckpt["model"]
     train_set = _train_set(train_ann, train_images, sched["augment"], spec["name"], spec["kwargs"])

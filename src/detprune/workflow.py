@@ -176,14 +176,13 @@ def sparsity_of(method: str) -> str | None:
 
 
 def distillation(config: Mapping[str, Any], method: str) -> str | None:
-    """The distillation ``method`` is fine-tuned with: ``finetune.methods.<m>.distill``,
-    else the registry's (``sad`` for gcp-sad, ``lcp`` for lcp), else None."""
+    """The distillation ``method`` is fine-tuned with: its fine-tuning schedule's
+    ``distill`` (default merged with ``finetune.methods.<m>``), else the registry's
+    (``sad`` for gcp-sad, ``lcp`` for lcp), else None. The fine-tuning stage uses this too."""
+    from detprune.config import finetune_schedule
     from detprune.pruning.methods import get_method
 
-    own = _get(config, f"finetune.methods.{method}")
-    if isinstance(own, Mapping) and "distill" in own:
-        return own["distill"]
-    return get_method(method).distill
+    return finetune_schedule(config, method).get("distill", get_method(method).distill)
 
 
 def finetune_rule(config: Mapping[str, Any], method: str) -> str:
