@@ -23,7 +23,7 @@ import torch_pruning as tp
 from torch import nn
 
 from detprune.pruning.core import PruneResult, make_report
-from detprune.pruning.importance.fisher import channel_groups
+from detprune.pruning.importance.fisher import channel_groups, slots
 
 if TYPE_CHECKING:
     from detprune.pruning.base import Method
@@ -165,10 +165,9 @@ def _slot_wise(unit: Unit, n: int) -> torch.Tensor:
     g, width = unit.channel_groups, len(unit.scores)
     if width % g:
         return torch.zeros(0, dtype=torch.long)
-    block = width // g
-    slots = min(n // g, max(block - 2, 0))
-    order = torch.argsort(unit.scores.reshape(g, block).mean(0), stable=True)[:slots]
-    return (order[None, :] + block * torch.arange(g)[:, None]).flatten()
+    ranked = sorted(slots(unit.scores, g), key=lambda s: s[0])  # stable: ties by position
+    chosen = [i for _, idxs in ranked[: min(n // g, max(width // g - 2, 0))] for i in idxs]
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 def _pruning_group(dg: tp.DependencyGraph, model: nn.Module, root: str, idxs: list[int]):

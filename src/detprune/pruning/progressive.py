@@ -41,6 +41,7 @@ from detprune.pruning.importance.fisher import (
     channel_costs,
     is_out_pruning,
     prunable_groups,
+    slots,
 )
 from detprune.pruning.importance.iri import IRIConfig, iri_scores
 from detprune.train.engine import build_optimizer
@@ -118,18 +119,6 @@ def min_widths(
     return out
 
 
-def _slots(info: GroupInfo, score: torch.Tensor) -> list[tuple[float, list[int]]]:
-    """A group's removable units with their score: single channels, or with channel
-    groups the same slot of every block (scored by the mean over the blocks, as
-    torch-pruning does), so that GroupNorm keeps equal groups."""
-    g = info.channel_groups
-    if g <= 1 or info.width % g:
-        return [(float(v), [i]) for i, v in enumerate(score)]
-    block = info.width // g
-    mean = score.reshape(g, block).mean(0)
-    return [(float(mean[j]), [j + k * block for k in range(g)]) for j in range(block)]
-
-
 def select_channels(
     groups: list[GroupInfo],
     scores: Mapping[str, torch.Tensor],
@@ -149,7 +138,7 @@ def select_channels(
     cands = sorted(
         (s, info.root_name, idxs)
         for info in groups
-        for s, idxs in _slots(info, scores[info.root_name])
+        for s, idxs in slots(scores[info.root_name], info.channel_groups)
     )
     by_name = {info.root_name: info for info in groups}
     taken: dict[str, list[int]] = {}

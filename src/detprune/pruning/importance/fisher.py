@@ -121,6 +121,18 @@ def channel_groups(dg: tp.DependencyGraph, group: tp.Group) -> int:
     return n
 
 
+def slots(scores: torch.Tensor, groups: int) -> list[tuple[float, list[int]]]:
+    """The removable units of a group and their scores: single channels, or with
+    ``groups`` channel groups the same slot of every block, scored by the mean over the
+    blocks as torch-pruning does, so that GroupNorm keeps equal groups."""
+    width = len(scores)
+    if groups <= 1 or width % groups:
+        return [(float(v), [i]) for i, v in enumerate(scores)]
+    block = width // groups
+    mean = scores.reshape(groups, block).mean(0)
+    return [(float(mean[j]), [j + k * block for k in range(groups)]) for j in range(block)]
+
+
 class MaskFisher:
     """Accumulates the mask Fisher of every group, separately per loss (``key``).
 
