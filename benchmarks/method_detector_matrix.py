@@ -3,7 +3,7 @@
 Each detector's CPU configuration is built with its initial weights, BatchNorm scales
 drawn from U(0.5, 1.5) so that |gamma| criteria have no ties (no training: this checks
 that a method's surgery works on the detector's graph, not its accuracy), pruned
-to 50 % of its MACs by one method of each procedure family with a small calibration
+to 50 % of its MACs by every method of the registry with a small calibration
 budget, reloaded from its checkpoint (`weights_only`) and run on an image.
 
     python benchmarks/method_detector_matrix.py --data results/data/synth
@@ -23,6 +23,7 @@ import torch
 from detprune import stages
 from detprune.config import load_config
 from detprune.models import build_model
+from detprune.pruning.methods import METHODS as REGISTRY
 from detprune.train import checkpoint
 
 DETECTORS = [
@@ -35,24 +36,29 @@ DETECTORS = [
     "yolov4_narrow",
     "yolov4_tiny_narrow",
 ]
-# one method per procedure: one-shot criteria share l1's surgery, progressive ones
-# groupfisher's, MIEP adds FOI and IRI, DCP/LCP the stage-wise selection, GCP its groups
-METHODS = ["l1", "taylor", "slim", "groupfisher", "miep", "dcp", "lcp", "gcp"]
-FAST = {
-    "calib_batches": 2,
-    "options": {
-        "groupfisher": {"steps": 4, "interval": 2},
-        "miep": {"steps": 4, "interval": 2},
-        "dcp": {"batches": 1, "aux_batches": 1, "aux_iters": 5, "select_steps": 1, "sgd_iters": 1},
-        "lcp": {"batches": 1, "aux_batches": 1, "aux_iters": 5, "select_steps": 1, "sgd_iters": 1},
-    },
-}
+# every method of the registry (gcp-sad prunes as gcp does; it differs in fine-tuning)
+METHODS = list(REGISTRY)
+_PROGRESSIVE = {"steps": 4, "interval": 2}
+_STAGEWISE = {"batches": 1, "aux_batches": 1, "aux_iters": 5, "select_steps": 1, "sgd_iters": 1}
 
 
-def run(data: Path, config: Path, target: float) -> list[dict]:
+def fast_options(methods: list[str]) -> dict:
+    """A small calibration budget: progressive methods (GroupFisher, MIEP and its
+    ablations) take 4 steps, DCP/LCP one selection step per stage."""
+    opts = {}
+    for m in methods:
+        family = REGISTRY[m].family
+        if family in ("miep", "groupfisher"):
+            opts[m] = dict(_PROGRESSIVE)
+        elif family == "dcp":  # dcp and lcp
+            opts[m] = dict(_STAGEWISE)
+    return {"calib_batches": 2, "options": opts}
+
+
+def run(data: Path, config: Path, target: float, methods: list[str]) -> list[dict]:
     cfg = load_config(config)
     cfg["train"]["batch_size"] = 4
-    cfg["prune"] = {**cfg["prune"], **FAST}
+    cfg["prune"] = {**cfg["prune"], **fast_options(methods)}
     ann = json.loads((data / "instances_train.json").read_text())
     rows = []
     torch.set_num_threads(1)
@@ -69,7 +75,7 @@ def run(data: Path, config: Path, target: float) -> list[dict]:
                         m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
             base = Path(tmp) / f"{det}.pt"
             checkpoint.save(base, spec=spec, model=model, history=[], meta={})
-            for method in METHODS:
+            for method in methods:
                 out = Path(tmp) / f"{det}_{method}.pt"
                 t0 = time.perf_counter()
                 row = {"detector": det, "method": method}
@@ -126,9 +132,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("results/data/synth"))
     ap.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/method_detector_matrix.md"))
     args = ap.parse_args()
-    rows = run(args.data, args.config, args.target)
+    rows = run(args.data, args.config, args.target, args.methods)
     ok = sum(r["ok"] for r in rows)
     head = (
         "# Every pruning procedure on every CPU detector\n\n"
