@@ -142,7 +142,7 @@ def main() -> None:
         f"`python benchmarks/method_detector_matrix.py` ({time.strftime('%Y-%m-%d')}): "
         f"{ok} of {len(rows)} (detector, method) pairs pruned to the target within 2 %, "
         "reloaded and ran. Initial weights (BN scales from U(0.5, 1.5)), small calibration "
-        "budget, no sparse training before slim / gcp: a check of the surgery on each "
+        "budget, no sparse training before depgraph / slim / gcp: a check of the surgery on each "
         "graph, not of accuracy.\n\n"
     )
     args.out.write_text(head + markdown(rows, args.target))
