@@ -87,6 +87,29 @@ def test_profiles_are_valid_configs_and_paper_uses_the_models_schedules():
     assert mini["data"]["source"] == "synth" and mini["train"]["epochs"] == 6
 
 
+def test_fsaf_clips_its_gradient_norm_at_10_in_both_profiles_and_retinanet_only_on_cpu():
+    roots = {"coco_root": "/data/coco", "voc_root": "v", "imagenet_root": "i"}
+    paper, mini = E.load_profile("paper"), E.load_profile("mini")
+
+    def sched(profile: dict, name: str, setup: dict) -> dict:
+        cfg = E.experiment_config(profile, setup, 0, "results", name, roots)
+        return cfg["train"], cfg["finetune"]["default"]
+
+    coco = {"dataset": "coco"}
+    # mmdetection's FSAF config: grad_clip max_norm 10; its RetinaNet: none
+    for s in sched(paper, "paper", {"model": "fsaf_r50_fpn", **coco}):
+        assert (s["lr"], s["clip_grad_norm"]) == (0.01, 10.0)
+    for s in sched(paper, "paper", {"model": "retinanet_r50_fpn", **coco}):
+        assert s.get("clip_grad_norm") is None
+    # the CPU entries: lr 0.02 with clipping (measured in onestage.py); fine-tuning keeps
+    # the mini profile's own schedule
+    for name in ("fsaf_narrow_fpn", "retinanet_narrow_fpn"):
+        train, _ = sched(mini, "mini", {"model": name})
+        assert (train["lr"], train["clip_grad_norm"]) == (0.02, 10.0)
+    train, _ = sched(mini, "mini", {"model": "gfl_narrow_fpn"})
+    assert train.get("clip_grad_norm") is None
+
+
 def test_seeds_from_the_command_line():
     assert E.parse_seeds(None, [0]) == (0,)
     assert E.parse_seeds(3, [0]) == (0, 1, 2)
