@@ -20,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 
 from detprune.data.coco import CocoDetection
 from detprune.data.transforms import get_transform
-from detprune.models.yolo import YOLO, split_prediction
+from detprune.models.yolo import YOLO, split_prediction, target_rows
 from detprune.train import checkpoint
 
 
@@ -41,19 +41,7 @@ def positives(
             x, tgs2, _ = model.transform(list(ims), list(tgs))
             necks = model.neck(model.backbone(x))
             mids = [c(f) for f, c in zip(necks, model.head.convs, strict=True)]
-            gt = torch.cat(
-                [
-                    torch.cat(
-                        (
-                            torch.full((len(t["labels"]), 1), float(i)),
-                            (t["labels"].float() - 1)[:, None],
-                            t["boxes"].float(),
-                        ),
-                        1,
-                    )
-                    for i, t in enumerate(tgs2)
-                ]
-            )
+            gt = target_rows(tgs2, torch.device("cpu"))
             for lv, (h, pred) in enumerate(zip(mids, model.head.preds, strict=True)):
                 b, a, gj, gi, tgt = model.build_targets(lv, gt, (h.shape[2], h.shape[3]))
                 logits = split_prediction(pred(h), len(model.masks[lv]))[b, a, gj, gi][:, 5:]

@@ -48,6 +48,23 @@ def split_prediction(out: Tensor, num_anchors: int) -> Tensor:
     return out.view(b, num_anchors, c // num_anchors, h, w).permute(0, 1, 3, 4, 2)
 
 
+def target_rows(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor:
+    """A batch's ground truth as (N, 6) rows: image index, class 0..K-1 (label - 1), xyxy."""
+    return torch.cat(
+        [
+            torch.cat(
+                (
+                    torch.full((len(t["labels"]), 1), float(i), device=device),
+                    (t["labels"].to(device).float() - 1)[:, None],
+                    t["boxes"].to(device).float(),
+                ),
+                1,
+            )
+            for i, t in enumerate(targets)
+        ]
+    )
+
+
 class Letterbox(nn.Module):
     """Resize keeping the aspect ratio so the longer side is ``size``, pad to a square with
     grey (0.5), as darknet's letterbox; map boxes there and back."""
@@ -204,19 +221,7 @@ class YOLO(nn.Module):
         by its gain. A positive's objectness target is ``1 - r + r CIoU`` (CIoU detached,
         clamped at 0) with ``r = obj_iou_ratio``: 0 is darknet's target 1, 1 YOLOv5's."""
         device = preds[0].device
-        gt = torch.cat(
-            [
-                torch.cat(
-                    (
-                        torch.full((len(t["labels"]), 1), float(i), device=device),
-                        (t["labels"].to(device).float() - 1)[:, None],
-                        t["boxes"].to(device).float(),
-                    ),
-                    1,
-                )
-                for i, t in enumerate(targets)
-            ]
-        )
+        gt = target_rows(targets, device)
         zero = preds[0].sum() * 0.0
         lbox, lobj, lcls = zero, zero, zero
         for level, p in enumerate(preds):
