@@ -4,7 +4,8 @@
 #
 #   bash scripts/slurm-local.sh install   # apt packages (idempotent; root)
 #   bash scripts/slurm-local.sh start     # munged, mariadbd, slurmdbd, slurmctld, slurmd
-#   bash scripts/slurm-local.sh stop      # stop them by their pid files, remove the pid files
+#   bash scripts/slurm-local.sh stop      # stop them by their pid files; remove the pid files
+#                                         # and the config files this script wrote
 #   bash scripts/slurm-local.sh status    # what runs
 #
 # Needs root and no systemd. No cgroups either: proctrack/linuxproc and task/none. The node
@@ -246,6 +247,19 @@ cmd_stop() {
     stop_pidfile mariadbd /run/mysqld/mysqld.pid
     stop_pidfile munged /run/munge/munged.pid
     rm -f "$RUN"/fakegpu*
+    remove_configs
+}
+
+# A slurm.conf left behind points every SLURM client at a controller that is gone:
+# `scontrol show config`, which Snakemake's SLURM plugin runs whenever Snakemake starts,
+# then retries for about 10 s. `start` writes the files again.
+remove_configs() {
+    local f
+    for f in slurm.conf gres.conf slurmdbd.conf; do
+        if [[ -f $ETC/$f ]] && grep -qF "$MARK" "$ETC/$f"; then
+            rm -f "$ETC/$f"
+        fi
+    done
 }
 
 cmd_status() {

@@ -89,6 +89,8 @@ def slurm():
                     "/run/slurm/slurmdbd.pid", "/run/mysqld/mysqld.pid",
                     "/run/munge/munged.pid"):  # fmt: skip
         assert not Path(pidfile).exists(), pidfile
+    # no config left that points SLURM clients (and Snakemake's plugin) at a dead controller
+    assert not Path("/etc/slurm/slurm.conf").exists()
 
 
 def _sacct(name: str) -> list[dict[str, str]]:
