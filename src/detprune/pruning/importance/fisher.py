@@ -96,9 +96,8 @@ def prunable_groups(
     out = []
     for group in dg.get_all_groups(ignored_layers=skip, root_module_types=PRUNABLE):
         root = group[0].dep.target.module
-        info = GroupInfo(group, dg._module2name[root], len(group[0].idxs), group_taps(dg, group))
-        info.channel_groups = channel_groups(dg, group)
-        out.append(info)
+        name, width = dg._module2name[root], len(group[0].idxs)
+        out.append(GroupInfo(group, name, width, group_taps(dg, group), channel_groups(dg, group)))
     return out
 
 
