@@ -1,13 +1,14 @@
 """Track the effective rank of a YOLO's features over its first training iterations.
 
 Builds a registry detector at its defaults, trains it with the engine's SGD (the default
-run's lr 0.04, momentum 0.9, weight decay 1e-4, 50 warm-up iterations) on a synthetic
-dataset and, at fixed iterations, prints for a few modules the effective rank of their
-output over 32 validation images in train mode (the participation ratio
-(sum s)^2 / sum s^2 of the singular values of the centred pixels x channels matrix: about
-the number of channels for spread-out features, 1 for collapsed ones) and the weight
-norm of the first module. ``--only cls|obj|box`` trains on one loss term.
-At iteration 0 it also prints |grad| / |weight| of each module's conv for the class loss.
+run's lr 0.04, momentum 0.9 and weight decay 1e-4; 50 warm-up iterations, cosine over 10
+epochs) on a synthetic dataset and, at fixed iterations, prints for a few modules the
+effective rank of their output over 32 validation images in train mode (the
+participation ratio (sum s)^2 / sum s^2 of the singular values of the centred pixels x
+channels matrix: about the number of channels for spread-out features, 1 for collapsed
+ones) and the weight norm of the first module. ``--only cls|obj|box`` trains on one loss
+term. At iteration 0 it first prints |grad| / |weight| of every fourth conv for the class
+loss on 16 training images.
 
     python benchmarks/yolo_rank_collapse.py yolov4_narrow --data results/data/synth
     python benchmarks/yolo_rank_collapse.py yolov4_tiny_narrow --modules backbone.stem0 \\
@@ -17,7 +18,6 @@ At iteration 0 it also prints |grad| / |weight| of each module's conv for the cl
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from detprune.data.coco import CocoDetection
 from detprune.data.transforms import get_transform
 from detprune.models import MODELS, build_model
-from detprune.train.engine import build_optimizer, lr_factor, make_loader
+from detprune.train.engine import build_optimizer, epoch_iters, lr_factor, make_loader
 
 PROBE_AT = (0, 5, 10, 20, 50, 100, 150, 200)
 
@@ -98,7 +98,7 @@ def main() -> None:
     sched = {"lr": args.lr, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 10}
     sched |= {"warmup_iters": 50, "schedule": "cosine"}
     opt = build_optimizer(model, sched)
-    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sched, math.ceil(len(train) / 8)))
+    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sched, epoch_iters(len(train), 8)))
     stem = dict(model.named_modules())[args.modules[0]]
     it, epoch = 0, 0
     while True:
@@ -109,7 +109,6 @@ def main() -> None:
                 print(it, " ".join(f"{n}:{v:.1f}" for n, v in r.items()), f"|w0| {w:.2f}")
             if it == args.iters:
                 return
-            model.train()
             losses = model(ims, tgs)
             loss = losses[f"loss_{args.only}"] if args.only else sum(losses.values())
             opt.zero_grad()
