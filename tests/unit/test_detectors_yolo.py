@@ -12,8 +12,8 @@ from detprune.data.coco import CocoDetection
 from detprune.data.synth import write_synthetic
 from detprune.evaluation.cost import count_macs, count_params
 from detprune.models import MODELS, build_model
-from detprune.models.darknet import yolov4_darknet_convs
-from detprune.models.yolo import Letterbox, split_prediction
+from detprune.models.darknet import CSPDarknet53, YOLOv4Neck, yolov4_darknet_convs
+from detprune.models.yolo import Letterbox, build_yolov4, split_prediction
 from detprune.pruning.core import macs_counter, prune_to_flops
 from detprune.pruning.importance.magnitude import l1_importance
 from detprune.train import checkpoint
@@ -40,8 +40,8 @@ def test_letterbox_maps_boxes_there_and_back():
 
 
 def test_each_box_goes_to_its_best_anchor_per_scale():
-    # at 608 px the anchors are yolov4.cfg's own; a 40x28 box centred at (100, 60)
-    model = build_model("yolov4_narrow", 3, {"image_size": 608})
+    # at 608 px (and scale 1) the anchors are yolov4.cfg's own; a 40x28 box at (100, 60)
+    model = build_model("yolov4_narrow", 3, {"image_size": 608, "anchor_scale": 1.0})
     gt = torch.tensor([[0.0, 2.0, 80.0, 46.0, 120.0, 74.0]])  # image, label, xyxy
     # scale 0: anchor (40, 28) is an exact fit (IoU 1): anchor 2, cell (x 12, y 7)
     b, a, gj, gi, kept = model.build_targets(0, gt, (76, 76))
@@ -52,6 +52,75 @@ def test_each_box_goes_to_its_best_anchor_per_scale():
     assert (b.tolist(), a.tolist(), gj.tolist(), gi.tolist()) == ([0], [0], [3], [6])
     # scale 2: best (142, 110), IoU 1120 / 15620 = .072: not assigned
     assert len(model.build_targets(2, gt, (19, 19))[0]) == 0
+
+
+def _channel_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each channel of ``a`` with the same channel of ``b``."""
+    a, b = (t.transpose(0, 1).flatten(1) for t in (a, b))
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def _neck_vs_backbone(overrides: dict) -> list[torch.Tensor]:
+    """Per scale, the correlation of each neck output channel with the backbone channel of
+    the same index, at initialisation (train-mode BN, 8 random images)."""
+    torch.manual_seed(0)
+    model = build_model("yolov4_narrow", 6, {"image_size": SIZE, **overrides}).train()
+    with torch.no_grad():
+        feats = model.backbone(torch.rand(8, 3, SIZE, SIZE))
+        outs = model.neck(feats)
+    return [_channel_corr(o, f[:, : o.shape[1]]) for o, f in zip(outs, feats, strict=True)]
+
+
+def test_pass_through_init_starts_every_neck_output_as_its_backbone_feature():
+    # exact identities and BN bias 3 (leaky ReLU in its linear part): each output channel
+    # is an affine function of the backbone channel it passes through
+    for corr in _neck_vs_backbone({"identity_init": 0.0, "neck_bn_bias": 3.0}):
+        assert corr.min() > 0.999
+    # the CPU entry's start (identities plus 0.1 x the default init): still above 0.9
+    for corr in _neck_vs_backbone({}):
+        assert corr.min() > 0.9
+    # PyTorch's default initialisation scrambles them (mean |corr| 0.05 / 0.08 / 0.15)
+    for corr in _neck_vs_backbone({"identity_init": None, "neck_bn_bias": 0.0}):
+        assert corr.abs().mean() < 0.25
+
+
+def test_default_initialisation_is_pytorchs_and_only_the_cpu_entry_changes_it():
+    def neck(**kwargs) -> nn.Module:
+        torch.manual_seed(0)
+        return build_yolov4(6, image_size=SIZE, width=0.25, depth=0.34, **kwargs).neck
+
+    torch.manual_seed(0)  # the same graph built by hand, in build_yolov4's order
+    bare = YOLOv4Neck(CSPDarknet53(0.25, 0.34).out_channels)
+    conv = "spp.post.0.conv.weight"  # an identity (from the concat's input part) if changed
+    assert torch.equal(neck().state_dict()[conv], bare.state_dict()[conv])
+    assert not torch.equal(neck(identity_init=0.1).state_dict()[conv], bare.state_dict()[conv])
+    biases = [m.bias for m in neck().modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(float(b.detach().abs().max()) == 0 for b in biases)
+    for name in ("yolov4_416", "yolov4_tiny", "yolov4_tiny_narrow"):
+        assert not {"identity_init", "neck_bn_bias", "anchor_scale"} & set(MODELS[name].defaults)
+    narrow = MODELS["yolov4_narrow"].defaults
+    assert (narrow["anchor_scale"], narrow["identity_init"], narrow["neck_bn_bias"]) == (2, 0.1, 3)
+
+
+def test_cpu_anchors_give_each_scale_a_share_of_the_embedded_boxes(tmp_path: Path):
+    # the default run's synthetic set (128 px, 2-6 objects); the level of each box's best
+    # anchor (width-height IoU over the nine), as build_targets' darknet rule uses it
+    write_synthetic(tmp_path, seed=0, num_train=100, num_val=1, image_size=128,
+                    min_objects=2, max_objects=6)  # fmt: skip
+    boxes = CocoDetection(tmp_path / "instances_train.json", tmp_path / "train")
+    wh = torch.cat([boxes[i][1]["boxes"] for i in range(len(boxes))])
+    wh = wh[:, 2:] - wh[:, :2]
+
+    def shares(overrides: dict) -> list[float]:
+        anchors = build_model("yolov4_narrow", 6, overrides).anchors
+        inter = torch.minimum(wh[:, None], anchors[None]).prod(-1)
+        iou = inter / (wh.prod(-1)[:, None] + anchors.prod(-1)[None] - inter)
+        level = iou.argmax(1) // 3
+        return [float((level == k).float().mean()) for k in range(3)]
+
+    assert min(shares({})) > 0.1  # the entry's anchors (x2): 17 / 21 / 63 % on 600 images
+    assert shares({"anchor_scale": 1.0})[0] < 0.01  # yolov4.cfg's at 128 px: none at stride 8
 
 
 def test_class_logits_are_channels_5_on_of_each_anchor():

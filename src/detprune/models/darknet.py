@@ -36,6 +36,18 @@ class ConvBNAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+def identity_init_(layer: ConvBNAct, offset: int, noise: float) -> None:
+    """Start ``layer``'s conv as the identity from input channel ``offset + i`` to output
+    channel ``i`` (centre tap, for as many channels as both sides have) plus ``noise`` times
+    its default initialisation; the other output channels keep ``noise`` times theirs."""
+    w = layer.conv.weight
+    n = min(w.shape[0], w.shape[1] - offset)
+    with torch.no_grad():
+        w.mul_(noise)
+        idx = torch.arange(n)
+        w[idx, offset + idx, w.shape[2] // 2, w.shape[3] // 2] += 1.0
+
+
 class ResBlock(nn.Module):
     """1x1 conv to ``hidden``, 3x3 conv back to ``channels``, shortcut (darknet ``from=-3``)."""
 
@@ -173,6 +185,25 @@ class YOLOv4Neck(nn.Module):
         self.bottomup = BottomUp(c3, c4, c5)
         self.out_channels = [c3 // 2, c4 // 2, c5 // 2]
 
+    def pass_through_(self, noise: float) -> None:
+        """Initialise the neck so that each output starts as the backbone feature of its
+        scale: every conv on the path backbone -> SPP / top-down / bottom-up -> output is
+        an identity on its first channels (from the backbone's or the same-scale branch of
+        each concatenation) plus ``noise`` times its default initialisation; the reduce and
+        down-sampling convs feeding the other branches keep their default initialisation.
+        """
+        c = self.spp.pre[2].conv.out_channels
+        td, bu = self.topdown, self.bottomup
+        plan = [(m, 0) for m in self.spp.pre]
+        plan += [(self.spp.post[0], 3 * c)]  # concat [13, 9, 5, input]: the input part
+        plan += [(m, 0) for m in self.spp.post[1:]]
+        plan += [(td.lateral4, 0), (td.lateral3, 0), *((m, 0) for m in (*td.block4, *td.block3))]
+        for block, down in ((bu.block4, bu.down3), (bu.block5, bu.down4)):
+            plan += [(block[0], down.conv.out_channels)]  # concat [down, same scale]
+            plan += [(m, 0) for m in block[1:]]
+        for layer, offset in plan:
+            identity_init_(layer, offset, noise)
+
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         b3, b4, b5 = feats
         n5 = self.spp(b5)
@@ -262,8 +293,33 @@ class YOLOHead(nn.Module):
         )
         self.preds = nn.ModuleList(nn.Conv2d(m, outputs, 1) for m in mid_channels)
 
+    def pass_through_(self, noise: float) -> None:
+        """Each 3x3 conv starts as an identity on its first channels plus ``noise`` times
+        its default initialisation (see :func:`identity_init_`)."""
+        for layer in self.convs:
+            identity_init_(layer, 0, noise)
+
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         return [p(c(f)) for f, c, p in zip(feats, self.convs, self.preds, strict=True)]
+
+
+def init_neck_(neck: YOLOv4Neck, head: YOLOHead, identity: float | None, bn_bias: float) -> None:
+    """Start SPP + PANet (and the heads' 3x3 convs) close to a linear pass-through of the
+    backbone features, so that deep plain conv-BN-activation chains do not scramble them
+    before training has begun: with ``identity`` (a number) every conv on the pass-through
+    paths is an identity plus ``identity`` times its default initialisation
+    (:meth:`YOLOv4Neck.pass_through_`; DiracNets' identity parametrisation, Zagoruyko &
+    Komodakis 2017), and every BN bias of the neck starts at ``bn_bias``, which puts the
+    leaky ReLUs after them in their linear part (Yang et al., ICLR 2019: batch-normalised
+    plain stacks explode gradients the less linear their activations are). The heads' BN
+    biases stay 0: positive features there would shift the prediction priors.
+    ``identity=None, bn_bias=0`` is PyTorch's default initialisation."""
+    if identity is not None:
+        neck.pass_through_(identity)
+        head.pass_through_(identity)
+    for m in neck.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.bias, bn_bias)
 
 
 def yolov4_darknet_convs(depth: float = 1.0) -> dict[int, str]:
