@@ -55,7 +55,9 @@ def fast_options(methods: list[str]) -> dict:
     return {"calib_batches": 2, "options": opts}
 
 
-def run(data: Path, config: Path, target: float, methods: list[str]) -> list[dict]:
+def run(
+    data: Path, config: Path, target: float, methods: list[str], detectors: list[str]
+) -> list[dict]:
     cfg = load_config(config)
     cfg["train"]["batch_size"] = 4
     cfg["prune"] = {**cfg["prune"], **fast_options(methods)}
@@ -63,7 +65,7 @@ def run(data: Path, config: Path, target: float, methods: list[str]) -> list[dic
     rows = []
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        for det in DETECTORS:
+        for det in detectors:
             cfg["model"] = {**cfg["model"], "name": det}
             spec = checkpoint.model_spec(det, len(ann["categories"]), {})
             torch.manual_seed(0)
@@ -133,9 +135,10 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     ap.add_argument("--target", type=float, default=0.5)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--detectors", nargs="+", default=DETECTORS, choices=DETECTORS)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/method_detector_matrix.md"))
     args = ap.parse_args()
-    rows = run(args.data, args.config, args.target, args.methods)
+    rows = run(args.data, args.config, args.target, args.methods, args.detectors)
     ok = sum(r["ok"] for r in rows)
     head = (
         "# Every pruning procedure on every CPU detector\n\n"
