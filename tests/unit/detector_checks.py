@@ -6,6 +6,7 @@ each check runs a CPU-sized detector at 64 px on two synthetic images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from detprune.models import MODELS, build_model
 from detprune.pruning.core import macs_counter, prune_to_flops
 from detprune.pruning.importance.magnitude import l1_importance
 from detprune.train import checkpoint
-from detprune.train.engine import evaluate
+from detprune.train.engine import evaluate, lr_factor
 
 SIZE = 64
 
@@ -32,37 +33,58 @@ def tiny_dataset(root: Path) -> CocoDetection:
 
 
 def overfit(
-    model: nn.Module, data: CocoDetection, iters: int, lr: float, clip: float | None = None
-) -> list[float]:
-    """SGD on the same batch (all images of ``data``), the gradient norm clipped at
-    ``clip`` as the engine does; the total loss of each step."""
+    model: nn.Module,
+    data: CocoDetection,
+    iters: int,
+    lr: float,
+    clip: float | None = None,
+    warmup: int = 0,
+) -> list[dict[str, float]]:
+    """SGD on the same batch (all images of ``data``): the lr warmed up linearly over
+    ``warmup`` iterations as the engine does (:func:`lr_factor`), the gradient norm clipped
+    at ``clip``; each step's loss terms."""
     images, targets = zip(*[data[i] for i in range(len(data))], strict=True)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = {"epochs": 1, "warmup_iters": warmup, "schedule": "constant"}
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(sched, iters))
     model.train()
-    losses = []
+    steps = []
     for _ in range(iters):
-        loss = sum(model(list(images), list(targets)).values())
+        terms = model(list(images), list(targets))
+        loss = sum(terms.values())
         opt.zero_grad()
         loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+        lr_sched.step()
+        steps.append({k: float(v.detach()) for k, v in terms.items()})
+    return steps
 
 
 def check_trains_and_evaluates(
-    name: str, root: Path, iters: int, lr: float, min_ap50: float
+    name: str,
+    root: Path,
+    iters: int,
+    lr: float,
+    min_ap50: float,
+    warmup: int = 0,
+    falling: Sequence[str] = (),
 ) -> dict[str, float | None]:
     """Loss falls when overfitting a batch (with the entry's own gradient clipping, as its
-    training schedule has it); pycocotools then scores the same images and the detector's
-    labels are the dataset's 1..K (the top detection is a true class)."""
+    training schedule has it), and so does each term named in ``falling``; pycocotools then
+    scores the same images and the detector's labels are the dataset's 1..K (the top
+    detection is a true class)."""
     torch.manual_seed(0)
     data = tiny_dataset(root)
     model = build_model(name, data.num_classes, {"image_size": SIZE})
-    losses = overfit(model, data, iters, lr, MODELS[name].schedule.get("clip_grad_norm"))
+    clip = MODELS[name].schedule.get("clip_grad_norm")
+    steps = overfit(model, data, iters, lr, clip, warmup)
+    losses = [sum(s.values()) for s in steps]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.6 * losses[0], losses
+    for term in falling:
+        assert sum(s[term] for s in steps[-3:]) / 3 < 0.6 * steps[0][term], (term, steps)
     metrics, text = evaluate(model, data, torch.device("cpu"), batch_size=2)
     assert "Average Precision" in text
     assert metrics["AP50"] is not None and metrics["AP50"] >= min_ap50, metrics

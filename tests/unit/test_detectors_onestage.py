@@ -68,6 +68,24 @@ def test_fcos_narrow_groupnorm_has_16_channels_per_group():
     assert len(norms) == 4 and all(m.num_groups == 4 and m.num_channels == 64 for m in norms)
 
 
+@pytest.mark.parametrize("name", ["retinanet_narrow_fpn", "fsaf_narrow_fpn"])
+def test_cpu_retina_towers_have_groupnorm_and_the_paper_towers_do_not(name: str):
+    # GroupNorm(4, 64) after each of the 2 x 2 tower convs (conv, GN, ReLU), as in
+    # torchvision's RetinaNet v2; null gives the papers' plain conv + ReLU towers
+    model = build_model(name, 3)
+    towers = [model.head.classification_head.conv, model.head.regression_head.conv]
+    for block in (b for t in towers for b in t):
+        conv, norm, act = block
+        assert isinstance(conv, nn.Conv2d) and conv.bias is None
+        assert isinstance(norm, nn.GroupNorm) and (norm.num_groups, norm.num_channels) == (4, 64)
+        assert isinstance(act, nn.ReLU)
+    plain = build_model(name, 3, {"head_norm_groups": None})
+    assert not any(isinstance(m, nn.GroupNorm) for m in plain.modules())
+    assert count_params(model) - count_params(plain) == 4 * (2 * 64 - 64)  # GN affine - biases
+    with pytest.raises(ValueError, match="model.head_norm_groups: 0"):
+        build_model(name, 3, {"head_norm_groups": 0})
+
+
 @pytest.mark.parametrize(
     ("name", "anchors"),
     [("retinanet_narrow_fpn", 9), ("fcos_narrow_fpn", 1), ("fsaf_narrow_fpn", 9)],

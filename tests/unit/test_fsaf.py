@@ -133,7 +133,14 @@ def test_inference_merges_anchor_free_and_anchor_based_candidates():
 
 
 def test_fsaf_narrow_overfits_a_batch_and_is_scored_by_pycocotools(tmp_path: Path):
-    check_trains_and_evaluates("fsaf_narrow_fpn", tmp_path, iters=60, lr=0.02, min_ap50=0.3)
+    # Warmed up over 20 of the 60 iterations, as the engine warms up (100 in the default run):
+    # on these two 64 px images at lr 0.02 without it, or with 10, the anchor-free
+    # regression's ReLU dies at about the 7th step (its -ln IoU stays at 6.9, the total loss
+    # ends 2.3x the first). Trained as configured its pre-activations all stay positive.
+    terms = ("af_classification", "af_bbox_regression")
+    check_trains_and_evaluates(
+        "fsaf_narrow_fpn", tmp_path, iters=60, lr=0.02, min_ap50=0.3, warmup=20, falling=terms
+    )
 
 
 def test_fsaf_narrow_prunes_to_half_the_flops_and_reloads(tmp_path: Path):

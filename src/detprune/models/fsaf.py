@@ -20,7 +20,8 @@ averaged over effective pixels; the anchor-free loss is weighted by ``af_weight`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,6 +35,16 @@ from torchvision.models.detection.retinanet import (
 from torchvision.ops import batched_nms, box_area, clip_boxes_to_image, sigmoid_focal_loss
 
 STRIDES = (8, 16, 32, 64, 128)
+
+
+def tower_norm(groups: int | None) -> Callable[[int], nn.Module] | None:
+    """The towers' norm layer: None (RetinaNet's plain conv + ReLU) or GroupNorm with
+    ``groups`` groups (torchvision's RetinaNet v2 and FCOS put GN in their towers)."""
+    if groups is None:
+        return None
+    if groups < 1:
+        raise ValueError(f"model.head_norm_groups: {groups} must be >= 1 or null")
+    return partial(nn.GroupNorm, groups)
 
 
 def truncate_towers(head: nn.Module, num_convs: int) -> nn.Module:
@@ -58,12 +69,14 @@ class FSAFHead(nn.Module):
         num_classes: int,
         num_convs: int = 4,
         prior_probability: float = 0.01,
+        norm_groups: int | None = None,
     ) -> None:
         super().__init__()
+        norm = tower_norm(norm_groups)
         self.classification_head = RetinaNetClassificationHead(
-            in_channels, num_anchors, num_classes, prior_probability
+            in_channels, num_anchors, num_classes, prior_probability, norm_layer=norm
         )
-        self.regression_head = RetinaNetRegressionHead(in_channels, num_anchors)
+        self.regression_head = RetinaNetRegressionHead(in_channels, num_anchors, norm_layer=norm)
         truncate_towers(self, num_convs)
         self.num_classes = num_classes
         self.num_anchors = num_anchors

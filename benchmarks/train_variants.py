@@ -3,12 +3,14 @@ for several seeds, and print its COCO mAP on the validation split.
 
 The training is the pipeline's own (:func:`detprune.stages.train`: the config's schedule,
 the engine, a checkpoint), the evaluation pycocotools'; only ``model.name``,
-``model.kwargs`` and ``seed`` differ from ``config/config.yaml`` (and the dataset, with
-``--data``). One thread per run (the DAG trains on two).
+``model.kwargs``, ``seed`` and the ``--train`` keys differ from ``config/config.yaml`` (and
+the dataset, with ``--data``). One thread per run (the DAG trains on two).
 
-    python benchmarks/yolov4_narrow_init.py --data results/data/synth \\
+    python benchmarks/train_variants.py --data results/data/synth \\
         --variant 'as before={"anchor_scale": 1.0, "identity_init": null, "neck_bn_bias": 0.0}' \\
         --variant 'entry defaults={}' --seeds 0 1
+    python benchmarks/train_variants.py --model retinanet_narrow_fpn \\
+        --train '{"lr": 0.02, "clip_grad_norm": 10}' --variant 'GN towers={"head_norm_groups": 4}'
 """
 
 from __future__ import annotations
@@ -55,10 +57,14 @@ def main() -> None:
         help="'label=JSON of model.kwargs overrides' (repeatable)",
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument(
+        "--train", default="{}", help="JSON of train-section overrides (lr, clip_grad_norm, ...)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = load_config(args.config)
-    base["train"]["device"] = "cpu"
+    base["train"].update(json.loads(args.train), device="cpu")
+    print(f"train overrides: `{args.train}`\n")
     print(f"| {args.model} variant | model.kwargs | " + " | ".join(f"seed {s}" for s in args.seeds)
           + " | mean | s per run |")  # fmt: skip
     print("|---|---|" + "---:|" * (len(args.seeds) + 2))
