@@ -13,7 +13,7 @@ from PIL import Image
 from detprune.data import synth
 from detprune.data.synth import CLASSES, size_range, write_synthetic
 
-SMALL = {"num_train": 12, "num_val": 8}
+SMALL = {"num_train": 12, "num_val": 8, "num_test": 5}
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -39,11 +39,30 @@ def load(out: Path, split: str) -> dict:
 def test_files_written(data: tuple[Path, dict]) -> None:
     out, _ = data
     names = sorted(tree_hashes(out))
-    expected = ["instances_train.json", "instances_val.json"]
+    expected = ["instances_test.json", "instances_train.json", "instances_val.json"]
     expected += [f"train/{i:06d}.png" for i in range(12)]
     expected += [f"val/{i:06d}.png" for i in range(8)]
+    expected += [f"test/{i:06d}.png" for i in range(5)]
     assert names == sorted(expected)
     assert not list(out.rglob("*.tmp"))
+
+
+def test_test_split_is_held_out_and_leaves_train_and_val_as_they_were(
+    data: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """The test split comes from its own seed: adding it changes no train or val image,
+    and none of its images is a val or train image."""
+    out, _ = data
+    write_synthetic(tmp_path / "no_test", seed=3, num_train=12, num_val=8)
+    ours, before = tree_hashes(out), tree_hashes(tmp_path / "no_test")
+    for name, digest in before.items():
+        if name.endswith(".png"):
+            assert ours[name] == digest, name
+    test = {v for k, v in ours.items() if k.startswith("test/")}
+    others = {v for k, v in ours.items() if k.startswith(("train/", "val/"))}
+    assert len(test) == 5 and not test & others
+    info = json.loads((out / "instances_test.json").read_text())["info"]
+    assert info["split"] == "test" and info["split_seed"] == [3, 3]
 
 
 def test_same_seed_is_byte_identical(data: tuple[Path, dict], tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ CLASSES: tuple[str, ...] = (
 """Synthetic class names, in sorted order so that ImageFolder's label c (the c-th sorted
 folder) is ``CLASSES[c]``: six large shapes and four full-image textures."""
 TEXTURES = frozenset({"checker", "dots", "hstripes", "vstripes"})
-_SPLIT_CODES = {"train": 11, "val": 12}
+_SPLIT_CODES = {"train": 11, "val": 12, "test": 13}
 MIN_IMAGE = 32
 
 
@@ -131,11 +131,15 @@ def write_synthetic_classification(
     out_dir: str | Path,
     num_train: int = 600,
     num_val: int = 200,
+    num_test: int = 0,
     image_size: int = 64,
     num_classes: int = 6,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write ``out_dir/{train,val}/<class>/NNNNNN.png``; return the images per class.
+    """Write ``out_dir/{train,val,test}/<class>/NNNNNN.png``; return the images per class.
+
+    ``test`` (written when ``num_test`` > 0) is the held-out split results are reported
+    on; ``val`` is for choices. Each split draws from its own seed.
 
     Class ``c`` is ``CLASSES[c]`` (sorted names; the first ``num_classes`` are used): a
     filled shape (circle, plus, ring, square, star, triangle) covering 45-80% of the image
@@ -153,6 +157,11 @@ def write_synthetic_classification(
             f"every class needs an image in each split: num_train ({num_train}) and "
             f"num_val ({num_val}) must be >= num_classes ({num_classes})"
         )
+    if 0 < num_test < num_classes:
+        raise ValueError(
+            f"every class needs an image in the test split: num_test ({num_test}) must be "
+            f"0 or >= num_classes ({num_classes})"
+        )
     if image_size < MIN_IMAGE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE}, got {image_size}")
     if seed < 0:
@@ -160,7 +169,8 @@ def write_synthetic_classification(
     root = Path(out_dir)
     params = {"image_size": image_size, "num_classes": num_classes, "seed": seed}
     summary: dict[str, Any] = {"classes": list(CLASSES[:num_classes]), **params}
-    for split, n in (("train", num_train), ("val", num_val)):
+    splits = (("train", num_train), ("val", num_val), ("test", num_test))
+    for split, n in (s for s in splits if s[1]):
         summary[split] = _write_split(root, split, n, params)
     return summary
 

@@ -30,7 +30,7 @@ CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "plus", "ring", "sta
 SIZE_NAMES: tuple[str, ...] = ("small", "medium", "large")
 Plan = list[tuple[int, str, int]]  # (class index, size range, forced) of each object
 _FOR_CLASS, _FOR_SIZE = 1, 2  # why an object is forced: to show its class / its size range
-_SPLIT_CODES = {"train": 1, "val": 2}
+_SPLIT_CODES = {"train": 1, "val": 2, "test": 3}  # each split draws from its own seed
 _SUPERSAMPLE = 4
 _MAX_IOU = 0.3
 _MIN_VISIBLE = 0.7
@@ -401,23 +401,27 @@ def write_synthetic(
     seed: int = 0,
     num_train: int = 600,
     num_val: int = 150,
+    num_test: int = 0,
     image_size: int = 128,
     min_objects: int = 2,
     max_objects: int = 6,
 ) -> dict[str, Any]:
     """Write the synthetic dataset under ``out_dir``; return counts per split.
 
-    Files: ``instances_{train,val}.json`` and ``{train,val}/NNNNNN.png`` (the JSON's
-    ``file_name`` is relative to the split folder). Images of an earlier run beyond the
-    new counts are removed. ``image_size`` must be at least 48 and ``max_objects`` at least
-    3; below ``LARGE_MIN_IMAGE`` (112) pixels there are no large objects (box area > 96^2).
+    Files: ``instances_{train,val,test}.json`` and ``{train,val,test}/NNNNNN.png`` (the
+    JSON's ``file_name`` is relative to the split folder). Each split is drawn from its own
+    seed ``[seed, split code]`` by the same generator: ``val`` is for choices (schedules,
+    sweeps), ``test`` the held-out split results are reported on. Images of an earlier run
+    beyond the new counts are removed. ``image_size`` must be at least 48 and
+    ``max_objects`` at least 3; below ``LARGE_MIN_IMAGE`` (112) pixels there are no large
+    objects (box area > 96^2).
     An object that finds no place is left out, except the few that guarantee every class
     and size range: they move to the next image (which may then exceed ``max_objects``).
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"image counts must be >= 0, got {num_train} and {num_val}")
+    if min(num_train, num_val, num_test) < 0:
+        raise ValueError(f"image counts must be >= 0, got {num_train}, {num_val} and {num_test}")
     if image_size < MIN_IMAGE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE}, got {image_size}")
     if not 1 <= min_objects <= max_objects or max_objects < 3:
@@ -426,9 +430,10 @@ def write_synthetic(
             f"got {min_objects} and {max_objects}"
         )
     out_dir = Path(out_dir)
-    params = dict(seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
+    params = dict(seed=seed, num_train=num_train, num_val=num_val, num_test=num_test)
+    params.update(image_size=image_size)
     params.update(min_objects=min_objects, max_objects=max_objects)
     summary: dict[str, Any] = {"classes": list(CLASSES), **params}
-    for split, n in (("train", num_train), ("val", num_val)):
+    for split, n in (("train", num_train), ("val", num_val), ("test", num_test)):
         summary[split] = _write_split(out_dir, split, n, params)
     return summary
