@@ -98,18 +98,17 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return res
 
 
-def evaluate_detections(
+def build_evaluator(
     coco_gt: COCO,
     detections: list[dict[str, Any]],
     *,
     image_ids: Sequence[int] | None = None,
-) -> tuple[dict[str, float | None], str]:
-    """Score COCO-format ``detections`` against ``coco_gt`` with ``COCOeval(iouType="bbox")``.
+) -> COCOeval:
+    """A ``COCOeval(iouType="bbox")`` of ``detections`` on ``coco_gt``, not yet evaluated.
 
     When ``image_ids`` is given, only those images count (detections on other images are
-    dropped). Returns the metrics keyed by :data:`METRIC_NAMES` (a stat COCO reports as -1,
-    i.e. undefined because no ground truth falls in its range, becomes ``None``) and the
-    summary text that ``COCOeval.summarize`` prints.
+    dropped); ``params.imgIds`` is the sorted list of the images that count. Unknown image
+    ids (asked for, or in a detection) raise ValueError. ``detections`` is not modified.
     """
     known_ids = set(coco_gt.getImgIds())
     if image_ids is not None:
@@ -134,7 +133,25 @@ def evaluate_detections(
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluator.params.imgIds = wanted
+    evaluator.params.imgIds = wanted
+    return evaluator
+
+
+def evaluate_detections(
+    coco_gt: COCO,
+    detections: list[dict[str, Any]],
+    *,
+    image_ids: Sequence[int] | None = None,
+) -> tuple[dict[str, float | None], str]:
+    """Score COCO-format ``detections`` against ``coco_gt`` with ``COCOeval(iouType="bbox")``.
+
+    When ``image_ids`` is given, only those images count (detections on other images are
+    dropped). Returns the metrics keyed by :data:`METRIC_NAMES` (a stat COCO reports as -1,
+    i.e. undefined because no ground truth falls in its range, becomes ``None``) and the
+    summary text that ``COCOeval.summarize`` prints.
+    """
+    evaluator = build_evaluator(coco_gt, detections, image_ids=image_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
     summary = io.StringIO()

@@ -1,0 +1,209 @@
+"""Paired percentile bootstrap of COCO box AP over test images.
+
+The percentile bootstrap (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993,
+ch. 13): resample the test images with replacement ``B`` times, score every resample, and
+read a confidence interval off the percentiles of the resampled statistic. The resamples
+depend only on the number of images and a seed (:func:`resample_indices`), so every model
+scored on the same image list sees the same resamples: differences between two models are
+*paired* over images.
+
+No AP arithmetic happens here. COCOeval's per-image matching (``evaluate()``) runs once per
+detections file; each resample then rebuilds ``evalImgs`` in the resampled image order
+(duplicates included) and calls pycocotools' own ``COCOeval.accumulate()``; AP is read
+from ``eval['precision']`` exactly as ``COCOeval.summarize()`` computes ``stats[0]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detprune.evaluation.coco_eval import build_evaluator
+
+METHOD = "paired percentile bootstrap over test images"
+#: The area range and detection cap of COCO's headline AP (``stats[0]``).
+AREA_ALL = "all"
+MAX_DETS = 100
+
+
+def per_image_eval(
+    coco_gt: COCO, detections: list[dict[str, Any]], image_ids: Sequence[int] | None = None
+) -> COCOeval:
+    """A bbox ``COCOeval`` of ``detections`` on ``image_ids`` with ``evaluate()`` done.
+
+    Its ``params.imgIds`` (sorted, unique) is the image list the resample positions of
+    :func:`resample_indices` refer to.
+    """
+    evaluator = build_evaluator(coco_gt, detections, image_ids=image_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+    return evaluator
+
+
+def resample_indices(n_images: int, resamples: int, seed: int) -> np.ndarray:
+    """``[resamples, n_images]`` positions drawn with replacement (``default_rng(seed)``).
+
+    The draw depends only on its arguments: every model scored on the same image list with
+    the same seed gets the same resamples, which is what pairs them.
+    """
+    if n_images < 1 or resamples < 1:
+        raise ValueError(f"need n_images >= 1 and resamples >= 1, got {n_images}, {resamples}")
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_images, size=(resamples, n_images))
+
+
+def _per_category_all(evaluator: COCOeval) -> tuple[np.ndarray, list[float]]:
+    """``evalImgs`` of area 'all' as a ``[K, N]`` object array, and that area range.
+
+    ``evaluate()`` lays ``evalImgs`` out as ``[category][area][image]`` over
+    ``_paramsEval`` (catIds x areaRng x imgIds).
+    """
+    pe = evaluator._paramsEval
+    if not evaluator.evalImgs:
+        raise ValueError("the evaluator has no per-image results: run evaluate() first")
+    if AREA_ALL not in pe.areaRngLbl or MAX_DETS not in pe.maxDets:
+        raise ValueError(f"the evaluator lacks area {AREA_ALL!r} or maxDets {MAX_DETS}")
+    n_cat, n_area, n_img = len(pe.catIds), len(pe.areaRng), len(pe.imgIds)
+    table = np.empty(len(evaluator.evalImgs), dtype=object)
+    table[:] = evaluator.evalImgs
+    a_all = pe.areaRngLbl.index(AREA_ALL)
+    return table.reshape(n_cat, n_area, n_img)[:, a_all, :], list(pe.areaRng[a_all])
+
+
+def _stats0(precision: np.ndarray) -> float:
+    """``COCOeval.summarize()``'s ``stats[0]``: the mean of the defined precisions, else -1."""
+    defined = precision[precision > -1]
+    return float(np.mean(defined)) if defined.size else -1.0
+
+
+def resampled_ap(evaluator: COCOeval, indices: np.ndarray) -> np.ndarray:
+    """AP (``stats[0]``) of each resample: ``indices`` ``[B, n]`` positions -> ``[B]``.
+
+    Positions index ``evaluator.params.imgIds``. Per resample, a shallow copy of the
+    evaluator gets ``evalImgs`` rebuilt in the resampled order and ``imgIds`` set to the
+    resampled id list, in both ``params`` and ``_paramsEval``: ``accumulate()`` reads
+    ``evalImgs[Nk + Na + i]`` for position ``i`` of ``params.imgIds`` with
+    ``I0 = len(_paramsEval.imgIds)``, so a duplicated image counts twice, as if it were two
+    images. The copy is restricted to area 'all' and maxDets [100] (``areaRng``,
+    ``areaRngLbl``, ``maxDets``): ``accumulate()`` computes each (category, area, maxDets)
+    slice of ``precision`` independently of the others, and ``stats[0]`` reads only the
+    slice (area 'all', maxDets 100), so the restricted run yields that slice unchanged.
+    ``evaluate()`` already capped detections at ``maxDets[-1]`` per image and category.
+    The evaluator itself is left untouched.
+    """
+    indices = np.atleast_2d(np.asarray(indices, dtype=np.int64))
+    per_cat, area_all = _per_category_all(evaluator)
+    ids = np.asarray(evaluator._paramsEval.imgIds)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(ids)):
+        raise ValueError(f"resample positions must lie in [0, {len(ids)})")
+    work = copy.copy(evaluator)
+    params = work.params = copy.copy(evaluator.params)
+    pe = work._paramsEval = copy.copy(evaluator._paramsEval)
+    for p in (params, pe):
+        p.areaRng, p.areaRngLbl, p.maxDets = [area_all], [AREA_ALL], [MAX_DETS]
+    out = np.empty(len(indices), dtype=float)
+    for r, positions in enumerate(indices):
+        work.evalImgs = per_cat[:, positions].ravel().tolist()
+        params.imgIds = pe.imgIds = ids[positions].tolist()
+        with contextlib.redirect_stdout(io.StringIO()):
+            work.accumulate()
+        out[r] = _stats0(work.eval["precision"])
+    return out
+
+
+def full_ap(evaluator: COCOeval) -> float:
+    """AP of the full image set (every image once): equals ``COCOeval``'s ``stats[0]``."""
+    n = len(evaluator._paramsEval.imgIds)
+    return float(resampled_ap(evaluator, np.arange(n)[None, :])[0])
+
+
+def image_ids_sha256(image_ids: Sequence[int]) -> str:
+    """sha256 of the sorted, unique image ids written as a compact JSON list."""
+    text = json.dumps(sorted({int(i) for i in image_ids}), separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def bootstrap_record(
+    coco_gt: COCO,
+    detections: list[dict[str, Any]],
+    image_ids: Sequence[int] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The ``"bootstrap"`` entry of a metrics record: per-resample AP and the full-set AP.
+
+    ``AP`` lists the AP of each of ``resamples`` resamples of the test images (drawn by
+    :func:`resample_indices` with ``seed``), ``AP_full`` the AP of the full set. A resample
+    holding no ground truth at all has AP -1, as ``COCOeval`` reports it.
+    """
+    evaluator = per_image_eval(coco_gt, detections, image_ids)
+    ids = list(evaluator._paramsEval.imgIds)
+    ap_full = full_ap(evaluator)
+    if ap_full < 0:
+        raise ValueError("the test images hold no ground truth: AP is undefined")
+    aps = resampled_ap(evaluator, resample_indices(len(ids), resamples, seed))
+    return {
+        "method": METHOD,
+        "resamples": int(resamples),
+        "seed": int(seed),
+        "images": len(ids),
+        "image_ids_sha256": image_ids_sha256(ids),
+        "AP": [float(v) for v in aps],
+        "AP_full": ap_full,
+    }
+
+
+def _seed_means(vectors: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Per resample, the mean over seeds drawn with replacement (no draw for one seed)."""
+    stacked = np.stack([np.asarray(v, dtype=float) for v in vectors], axis=1)  # [B, S]
+    n_res, n_seeds = stacked.shape
+    if n_seeds == 1:
+        return stacked[:, 0]
+    drawn = rng.integers(0, n_seeds, size=(n_res, n_seeds))
+    return np.take_along_axis(stacked, drawn, axis=1).mean(axis=1)
+
+
+def delta_interval(
+    a: Sequence[np.ndarray], b: Sequence[np.ndarray], *, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of ``mean(a) - mean(b)``, seeds and images resampled together.
+
+    ``a`` and ``b`` list, per training seed, the per-resample AP vectors of two models, all
+    on the same resamples (paired over images). For each resample ``r`` the seeds of each
+    side are drawn with replacement (``default_rng(seed)``) and
+    ``delta_r = mean(a[s][r]) - mean(b[s'][r])``; the interval is the ``(1 - level) / 2``
+    and ``1 - (1 - level) / 2`` percentiles of ``delta_r``.
+    """
+    if not a or not b:
+        raise ValueError("delta_interval needs at least one AP vector on each side")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    lengths = {len(v) for v in (*a, *b)}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"per-resample AP vectors differ in length {sorted(lengths)}: "
+            "both sides must be scored on the same resamples"
+        )
+    rng = np.random.default_rng(seed)
+    delta = _seed_means(a, rng) - _seed_means(b, rng)
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(delta, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+def mark(lo: float, hi: float) -> str:
+    """Return "better" when ``lo > 0``, "worse" when ``hi < 0``, else "within noise"."""
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    return "within noise"
