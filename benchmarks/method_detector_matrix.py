@@ -4,7 +4,9 @@ Each detector's CPU configuration is built with its initial weights, BatchNorm s
 drawn from U(0.5, 1.5) so that |gamma| criteria have no ties (no training: this checks
 that a method's surgery works on the detector's graph, not its accuracy), pruned
 to 50 % of its MACs by every method of the registry with a small calibration
-budget, reloaded from its checkpoint (`weights_only`) and run on an image.
+budget, reloaded from its checkpoint (`weights_only`) and run on an image. A from-scratch
+control `scratch-<m>` starts, as in the DAG, from `<m>`'s pruned checkpoint of the same
+run (so `<m>` must be among `--methods`; the registry lists it first).
 
     python benchmarks/method_detector_matrix.py --data results/data/synth
 """
@@ -59,6 +61,7 @@ def run(
     data: Path, config: Path, target: float, methods: list[str], detectors: list[str]
 ) -> list[dict]:
     cfg = load_config(config)
+    methods = sorted(methods, key=lambda m: REGISTRY[m].scratch_of is not None)  # sources first
     cfg["train"]["batch_size"] = 4
     cfg["prune"] = {**cfg["prune"], **fast_options(methods)}
     ann = json.loads((data / "instances_train.json").read_text())
@@ -81,12 +84,16 @@ def run(
                 out = Path(tmp) / f"{det}_{method}.pt"
                 t0 = time.perf_counter()
                 row = {"detector": det, "method": method}
+                source = REGISTRY[method].scratch_of
+                start = Path(tmp) / f"{det}_{source}.pt" if source else base
                 try:
+                    if not start.is_file():
+                        raise FileNotFoundError(f"{method} needs {source}'s pruned checkpoint")
                     rec = stages.prune(
                         cfg,
                         method,
                         target,
-                        str(base),
+                        str(start),
                         str(data / "instances_train.json"),
                         str(data / "train"),
                         str(out),

@@ -11,6 +11,13 @@ from typing import Any
 import jsonschema
 import yaml
 
+#: Names of the from-scratch controls (Liu et al., ICLR 2019): ``scratch-<m>`` retrains
+#: method ``<m>``'s pruned architecture from a random initialisation. The registry
+#: (:mod:`detprune.pruning.methods`) names its ``scratch_of`` entries with this prefix, and
+#: :func:`finetune_schedule` recognises them by it, so this module needs neither the
+#: registry nor torch.
+SCRATCH_PREFIX = "scratch-"
+
 
 class ConfigError(ValueError):
     """A config file that does not satisfy the schema."""
@@ -66,9 +73,22 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def is_scratch(method: str) -> bool:
+    """Whether ``method`` is a from-scratch control (``scratch-<m>``, see
+    :data:`SCRATCH_PREFIX`)."""
+    return method.startswith(SCRATCH_PREFIX)
+
+
 def finetune_schedule(config: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """The fine-tuning schedule of ``method``: the shared default plus its overrides."""
-    sched = copy.deepcopy(dict(config["finetune"]["default"]))
+    """The fine-tuning schedule of ``method``: the shared default plus its overrides.
+
+    A from-scratch control (``scratch-<m>``) trains a re-initialised model, so its base
+    is the baseline's schedule ``train`` (Liu et al. 2019 train the small model with the
+    large one's schedule), not ``finetune.default``; ``finetune.methods.<method>``
+    overrides apply on top either way.
+    """
+    base = config["train"] if is_scratch(method) else config["finetune"]["default"]
+    sched = copy.deepcopy(dict(base))
     sched.update(config["finetune"].get("methods", {}).get(method, {}))
     return sched
 

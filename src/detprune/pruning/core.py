@@ -44,7 +44,9 @@ class PruneContext:
     ``options`` is the config's ``prune`` section with ``prune.options[<method>]``
     merged in; ``batches()`` yields training batches (images, targets) on ``device``
     for data-dependent criteria and progressive procedures; ``macs_fn`` counts the MACs
-    the way every table does.
+    the way every table does; ``history`` is the torch-pruning history ``model`` was
+    rebuilt with (the input checkpoint's ``pruning_history``: empty for the baseline,
+    the source method's for a from-scratch control, which rebuilds those widths).
     """
 
     model: nn.Module
@@ -59,6 +61,7 @@ class PruneContext:
     ignored: list[str] = field(default_factory=list)
     schedule: dict[str, Any] = field(default_factory=dict)
     teacher: nn.Module | None = None
+    history: list = field(default_factory=list)
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:

@@ -3,11 +3,13 @@
 To add a method, write an importance factory ``fn(ctx) -> torch-pruning Importance``
 (a callable that scores the channels of a coupled group; cite the paper in its
 docstring) and add one :class:`~detprune.pruning.base.Method` entry to ``METHODS``.
-Families of methods live in their own modules and are merged here.
+Families of methods live in their own modules and are merged here, followed by the
+from-scratch control ``scratch-<m>`` of every method that prunes (:func:`scratch_controls`).
 """
 
 from __future__ import annotations
 
+from detprune.config import SCRATCH_PREFIX
 from detprune.pruning.base import Method
 from detprune.pruning.importance.dcp import DCP_METHODS
 from detprune.pruning.importance.gcp import GCP_METHODS
@@ -20,6 +22,7 @@ from detprune.pruning.importance.magnitude import (
 )
 from detprune.pruning.importance.miep import MIEP_METHODS
 from detprune.pruning.importance.taylor import taylor_importance
+from detprune.pruning.scratch import from_scratch
 
 BASELINES: dict[str, Method] = {
     "random": Method("random channels (seeded)", random_importance),
@@ -51,7 +54,32 @@ BASELINES: dict[str, Method] = {
     ),
 }
 
-METHODS: dict[str, Method] = {**BASELINES, **MIEP_METHODS, **DCP_METHODS, **GCP_METHODS}
+PRUNING_METHODS: dict[str, Method] = {
+    **BASELINES,
+    **MIEP_METHODS,
+    **DCP_METHODS,
+    **GCP_METHODS,
+}
+
+
+def scratch_controls(methods: dict[str, Method]) -> dict[str, Method]:
+    """``scratch-<m>`` for every ``m`` of ``methods``: ``m``'s pruned architecture,
+    randomly re-initialised and trained with the baseline's schedule (Liu et al., ICLR
+    2019). Its prune stage needs ``m``'s pruned checkpoint at the same target; no sparse
+    training, no distillation (``scratch-gcp-sad`` therefore trains as ``scratch-gcp``)."""
+    return {
+        f"{SCRATCH_PREFIX}{name}": Method(
+            f"from scratch (Liu et al. 2019): {name}'s pruned widths, re-initialised, "
+            "trained with the baseline's schedule",
+            procedure=from_scratch,
+            family="control",
+            scratch_of=name,
+        )
+        for name in methods
+    }
+
+
+METHODS: dict[str, Method] = {**PRUNING_METHODS, **scratch_controls(PRUNING_METHODS)}
 
 
 def get_method(name: str) -> Method:
