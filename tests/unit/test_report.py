@@ -32,6 +32,7 @@ def record(
         "method": method,
         "flops_target": target,
         "seed": seed,
+        "split": "test",
         "metrics": {
             "AP": ap,
             "AP50": ap + 0.2,
@@ -146,11 +147,14 @@ def test_write_table(tmp_path: Path) -> None:
     assert md[0].startswith("| detector") and "ΔmAP" in md[0]
     assert re.fullmatch(r"\|( :?-+:? \|)+", md[1])
     assert all(line.startswith("| ") and line.endswith(" |") for line in md)
-    assert " 34.0 " in md[3] and " -6.0 " in md[3] and " 1.4 " in md[3]
+    assert " 34.0 ± 1.4 " in md[3] and " -6.0 " in md[3]
+    assert "mAP std" not in md[0] and "ΔmAP lo" not in md[0] and "Δref" in md[0]
     assert "–" in md[-1]  # NaN ΔmAP of the detector without baseline
 
     tex = paths[2].read_text(encoding="utf-8")
-    assert tex.startswith("\\begin{tabular}{llrrrrrrrrrrrrrr}")
+    # mAP std and the four lo/hi columns are folded into "mean ± spread" cells
+    assert tex.startswith("\\begin{tabular}{llrrrrrrrrrrrlrlrr}")
+    assert "34.0 $\\pm$ 1.4" in tex
     for token in ("\\toprule", "\\midrule", "\\bottomrule", "\\end{tabular}"):
         assert token in tex
     assert "fasterrcnn\\_narrow" in tex and "flops\\_target (\\%)" in tex

@@ -53,11 +53,37 @@ def _grid(n: int, width: float, height: float) -> tuple[Figure, list[Any]]:
     return fig, flat[:n]
 
 
+def _error_bars(rows: pd.DataFrame) -> tuple[np.ndarray | None, bool]:
+    """``[2, n]`` (below, above) error bars of ``rows``' mAP, and whether any is an interval.
+
+    A row with a ΔmAP interval gets ``mAP - (ΔmAP - lo)`` to ``mAP + (hi - ΔmAP)``: the
+    interval of its difference from the baseline, drawn around its own mAP. Other rows
+    get ± ``mAP std``; a row with neither, no bar. None when no row has a bar.
+    """
+    n = len(rows)
+    below = np.full(n, np.nan)
+    above = np.full(n, np.nan)
+    if "mAP std" in rows.columns:
+        below = above = rows["mAP std"].to_numpy(dtype=float)
+    interval = np.zeros(n, dtype=bool)
+    if {"ΔmAP", "ΔmAP lo", "ΔmAP hi"} <= set(rows.columns):
+        delta = rows["ΔmAP"].to_numpy(dtype=float)
+        lo, hi = rows["ΔmAP lo"].to_numpy(dtype=float), rows["ΔmAP hi"].to_numpy(dtype=float)
+        interval = ~np.isnan(lo) & ~np.isnan(hi)
+        below = np.where(interval, delta - lo, below)
+        above = np.where(interval, hi - delta, above)
+    bars = np.vstack([below, above])
+    if np.isnan(bars).all():
+        return None, False
+    return np.clip(np.nan_to_num(bars, nan=0.0), 0.0, None), bool(interval.any())
+
+
 def plot_map_vs_flops(df: pd.DataFrame, path: Path, title: str = "") -> Path:
     """mAP against FLOPs kept (%), one line per method and one subplot per detector.
 
     ``df`` is a :func:`detprune.report.tables.build_table` frame. The baseline is a star
-    plus a dashed horizontal line; error bars come from ``mAP std`` when present. Where a
+    plus a dashed horizontal line. Error bars show the ΔmAP interval (asymmetric, around the
+    row's mAP) where the table has one, else ± ``mAP std`` (:func:`_error_bars`). Where a
     detector has no baseline (``flops_kept (%)`` is NaN) the FLOPs target is plotted instead.
     """
     for column in ("detector", "method", "flops_target (%)", "mAP"):
@@ -67,10 +93,11 @@ def plot_map_vs_flops(df: pd.DataFrame, path: Path, title: str = "") -> Path:
         raise ValueError("table has no rows to plot")
     detectors = sorted(df["detector"].unique())
     styles = _styles([m for m in df["method"].unique() if m != BASELINE])
-    has_std = "mAP std" in df.columns
+    level = df.attrs.get("level", 0.95)
     fig, axes = _grid(len(detectors), 5.5, 4.0)
     for ax, detector in zip(axes, detectors, strict=True):
         sub = df[df["detector"] == detector]
+        any_interval = False
         kept = sub["flops_kept (%)"] if "flops_kept (%)" in sub.columns else None
         if kept is None or kept.isna().any():
             x_col, x_label = "flops_target (%)", "FLOPs target (%)"
@@ -79,11 +106,8 @@ def plot_map_vs_flops(df: pd.DataFrame, path: Path, title: str = "") -> Path:
         for method in sorted(m for m in sub["method"].unique() if m != BASELINE):
             rows = sub[sub["method"] == method].sort_values(x_col)
             color, marker = styles[method]
-            yerr = rows["mAP std"].to_numpy(dtype=float) if has_std else None
-            if yerr is not None and np.isnan(yerr).all():
-                yerr = None
-            elif yerr is not None:
-                yerr = np.nan_to_num(yerr, nan=0.0)
+            yerr, with_interval = _error_bars(rows)
+            any_interval |= with_interval
             ax.errorbar(
                 rows[x_col].to_numpy(dtype=float),
                 rows["mAP"].to_numpy(dtype=float),
@@ -112,7 +136,8 @@ def plot_map_vs_flops(df: pd.DataFrame, path: Path, title: str = "") -> Path:
         ax.set_xlabel(x_label)
         ax.set_ylabel("mAP (%)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        legend_title = f"bars: {level:.0%} CI of ΔmAP" if any_interval else None
+        ax.legend(fontsize="small", title=legend_title, title_fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
