@@ -29,6 +29,7 @@ TINY = {
         "synth": {
             "num_train": 16,
             "num_val": 8,
+            "num_test": 12,
             "image_size": 64,
             "seed": 3,
             "min_objects": 1,

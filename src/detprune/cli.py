@@ -30,10 +30,14 @@ def _setup_logging(logfile: str | None) -> None:
     )
 
 
-def _config(path: str) -> dict:
+def _config(path: str, seed: int | None = None) -> dict:
+    """The validated config; ``seed`` (a job's ``--seed``) replaces its ``seed``."""
     from detprune.config import load_config
 
-    return load_config(path)
+    config = load_config(path)
+    if seed is not None:
+        config["seed"] = seed
+    return config
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:
@@ -83,11 +87,18 @@ def cmd_data_voc2coco(a: argparse.Namespace) -> None:
     log.info("wrote %s: %s", a.out, summary)
 
 
+def cmd_data_carve(a: argparse.Namespace) -> None:
+    from detprune.data.splits import carve_files
+
+    summary = carve_files(a.ann, a.size, a.seed, a.out_train, a.out_tune)
+    log.info("wrote %s and %s: %s", a.out_train, a.out_tune, summary)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from detprune import stages
 
     stages.set_threads(a.threads)
-    stages.train(_config(a.config), a.train_ann, a.train_images, a.out)
+    stages.train(_config(a.config, a.seed), a.train_ann, a.train_images, a.out)
 
 
 def cmd_sparse(a: argparse.Namespace) -> None:
@@ -95,7 +106,7 @@ def cmd_sparse(a: argparse.Namespace) -> None:
 
     stages.set_threads(a.threads)
     stages.sparse(
-        _config(a.config), a.regularizer, a.checkpoint, a.train_ann, a.train_images, a.out
+        _config(a.config, a.seed), a.regularizer, a.checkpoint, a.train_ann, a.train_images, a.out
     )
 
 
@@ -104,7 +115,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
 
     stages.set_threads(a.threads)
     stages.prune(
-        _config(a.config),
+        _config(a.config, a.seed),
         a.method,
         a.flops,
         a.checkpoint,
@@ -120,7 +131,13 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
     stages.set_threads(a.threads)
     stages.finetune(
-        _config(a.config), a.method, a.checkpoint, a.teacher, a.train_ann, a.train_images, a.out
+        _config(a.config, a.seed),
+        a.method,
+        a.checkpoint,
+        a.teacher,
+        a.train_ann,
+        a.train_images,
+        a.out,
     )
 
 
@@ -129,7 +146,14 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
     stages.set_threads(a.threads)
     stages.evaluate_checkpoint(
-        _config(a.config), a.checkpoint, a.val_ann, a.val_images, a.out, a.method, a.flops
+        _config(a.config, a.seed),
+        a.checkpoint,
+        a.ann,
+        a.images,
+        a.out,
+        a.method,
+        a.flops,
+        a.split,
     )
 
 
@@ -165,8 +189,9 @@ def cmd_list(a: argparse.Namespace) -> None:
     else:
         from detprune.pruning.methods import METHODS
 
+        width = max(map(len, METHODS))
         for name, m in METHODS.items():
-            print(f"{name:14s} {m.description}")
+            print(f"{name:{width}s} {m.description}")
 
 
 def cmd_dvc(a: argparse.Namespace) -> None:
@@ -189,6 +214,13 @@ def _common(p: argparse.ArgumentParser, *, config: bool = True, threads: bool = 
         p.add_argument("--config", required=True, help="pipeline config YAML (validated)")
     if threads:
         p.add_argument("--threads", type=int, default=None, help="torch threads")
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            help="the job's seed (one chain of a run with several `seeds`); default: the "
+            "config's seed",
+        )
     p.add_argument("--log", default=None, help="also write the log to this file")
 
 
@@ -265,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, help="ImageSets/Main/<split>.txt, e.g. trainval")
     p.add_argument("--out", required=True, help="output COCO JSON")
     p.set_defaults(func=cmd_data_voc2coco)
+    p = dsub.add_parser(
+        "carve", help="carve a deterministic tune split of N images from a COCO training JSON"
+    )
+    _common(p, config=False)
+    p.add_argument("--ann", required=True, help="COCO instances JSON to carve, e.g. train2017")
+    p.add_argument("--size", type=int, required=True, help="tune images (data.coco.tune_images)")
+    p.add_argument("--seed", type=int, required=True, help="seed of the image permutation")
+    p.add_argument("--out-train", required=True, help="output COCO JSON: train minus tune")
+    p.add_argument("--out-tune", required=True, help="output COCO JSON: the tune split")
+    p.set_defaults(func=cmd_data_carve)
 
     p = sub.add_parser("train", help="train the baseline detector")
     _common(p, threads=True)
@@ -305,7 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="COCO AP, params, FLOPs and latency of a checkpoint")
     _common(p, threads=True)
     p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
-    _data_paths(p, "val")
+    p.add_argument("--ann", required=True, help="COCO instances JSON (ImageFolder: its root)")
+    p.add_argument("--images", required=True, help="image folder (ImageFolder: its root)")
+    p.add_argument(
+        "--split",
+        choices=["val", "test"],
+        default="test",
+        help="which split this is, recorded in the metrics: tables report only test",
+    )
     p.add_argument("--method", default="baseline", help="method name recorded in the metrics")
     p.add_argument("--flops", type=float, default=1.0, help="FLOPs target recorded")
     p.add_argument("--out", required=True, help="metrics JSON")

@@ -209,6 +209,8 @@ def experiment_config(
     cfg = {k: copy.deepcopy(v) for k, v in profile_cfg.items() if k != "experiment"}
     cfg["data"] = _fill_roots(data, roots)
     cfg["seed"] = int(seed)
+    cfg["seeds"] = [int(seed)]  # one experiment per training seed, each its own baseline
+    cfg.pop("baseline_per_seed", None)
     cfg["model"] = {**cfg["model"], "name": setup["model"]}
     keys = exp.get("model_schedule_keys", [])
     schedule = MODELS[setup["model"]].schedule

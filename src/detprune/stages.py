@@ -14,14 +14,16 @@ from detprune.config import finetune_schedule
 from detprune.data.classification import ImageFolderDataset, classification_transform
 from detprune.data.coco import CocoDetection
 from detprune.data.transforms import get_transform
+from detprune.evaluation.bootstrap import bootstrap_record
 from detprune.evaluation.classification import evaluate_classifier, summary_text
+from detprune.evaluation.coco_eval import evaluate_detections
 from detprune.evaluation.cost import count_macs, count_params, measure_latency
 from detprune.models import MODELS, build_model, model_kwargs
 from detprune.pruning.core import PruneContext, macs_counter
 from detprune.pruning.methods import get_method
 from detprune.train import checkpoint
 from detprune.train.distill import DISTILLERS
-from detprune.train.engine import evaluate, fit, make_loader, resolve_device
+from detprune.train.engine import fit, make_loader, predict, resolve_device
 from detprune.train.sparsity import REGULARIZERS, SparsityContext
 from detprune.utils.io import write_json
 from detprune.utils.provenance import provenance
@@ -231,6 +233,7 @@ def prune(
         macs_fn=macs_counter(_image_size(spec), entry.per_roi_modules, _rois(spec)),
         ignored=list(entry.ignored_layers),
         schedule=dict(config["train"]),
+        history=list(ckpt["pruning_history"]),
     )
     result = meth.procedure(ctx, meth, flops)
     result.model.cpu()
@@ -323,14 +326,18 @@ def finetune(
 def evaluate_checkpoint(
     config: dict[str, Any],
     ckpt_path: str,
-    val_ann: str,
-    val_images: str,
+    ann: str,
+    images: str,
     out: str,
     method: str,
     flops: float,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """COCO metrics (top-1/top-5 accuracy for a classifier, whose ``val_images`` is the
-    ImageFolder root), parameters, MACs and latency of a checkpoint, as one JSON record."""
+    """COCO metrics (top-1/top-5 accuracy for a classifier, whose ``images`` is the
+    ImageFolder root), parameters, MACs and latency of a checkpoint, as one JSON record
+    that names the ``split`` it was scored on. A detector's record also holds its AP on
+    each of the seeded bootstrap resamples of the images (``evaluate.bootstrap``), the
+    same resamples for every checkpoint, from which the report pairs any two rows."""
     seed_everything(config["seed"])
     ecfg = config["evaluate"]
     model, ckpt = checkpoint.load_model(ckpt_path)
@@ -339,15 +346,21 @@ def evaluate_checkpoint(
     classifier = _task(spec["name"]) == "classification"
     if classifier:
         dataset: CocoDetection | ImageFolderDataset = ImageFolderDataset(
-            val_images, transforms=_cls_transform("none", False, spec["name"], spec["kwargs"])
+            images, transforms=_cls_transform("none", False, spec["name"], spec["kwargs"])
         )
         model.to(device)
         metrics: dict[str, Any] = evaluate_classifier(model, dataset, device, ecfg["batch_size"])
         summary = summary_text(metrics, len(dataset))
+        boot = None
     else:
-        dataset = CocoDetection(val_ann, val_images)
+        dataset = CocoDetection(ann, images)
         model.to(device)
-        metrics, summary = evaluate(model, dataset, device, ecfg["batch_size"])
+        detections = predict(model, dataset, device, ecfg["batch_size"])
+        metrics, summary = evaluate_detections(dataset.coco, detections, image_ids=dataset.ids)
+        bcfg = ecfg.get("bootstrap", {"resamples": 1000, "seed": 0})
+        boot = bootstrap_record(
+            dataset.coco, detections, dataset.ids, resamples=bcfg["resamples"], seed=bcfg["seed"]
+        )
     model.cpu()
     macs = count_macs(
         model,
@@ -362,6 +375,8 @@ def evaluate_checkpoint(
         "method": method,
         "flops_target": flops,
         "seed": int(ckpt["meta"].get("seed", config["seed"])),
+        "split": split,
+        "data": {"ann": ann, "images": images, "sha256": _data_hash(ann)},
         "metrics": metrics,
         "cost": {
             "params": count_params(model),
@@ -371,6 +386,7 @@ def evaluate_checkpoint(
             **latency,
         },
         "coco_summary": summary,
+        **({"bootstrap": boot} if boot is not None else {}),
         "checkpoint": {
             "path": ckpt_path,
             "sha256": _sha256(ckpt_path),

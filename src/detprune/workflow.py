@@ -15,23 +15,31 @@ from typing import Any
 
 import yaml
 
+from detprune.config import SCRATCH_PREFIX
+
 PATHS = {
     "synth": "{results}/data/synth",
     "synth_cls": "{results}/data/synth_cls",
+    "carved": "{results}/data/carved/{part}.json",
     "check": "{results}/data/check_{split}.json",
-    "baseline": "{results}/models/baseline.pt",
-    "sparse": "{results}/models/sparse/{regularizer}.pt",
-    "pruned": "{results}/models/pruned/{method}/flops{pct}.pt",
-    "prune_summary": "{results}/models/pruned/{method}/flops{pct}.json",
-    "finetuned": "{results}/models/finetuned/{method}/flops{pct}.pt",
-    "metrics_baseline": "{results}/metrics/baseline.json",
-    "metrics": "{results}/metrics/{method}/flops{pct}.json",
+    "baseline": "{results}/models/baseline/seed{seed}.pt",
+    "sparse": "{results}/models/sparse/{regularizer}/seed{seed}.pt",
+    "pruned": "{results}/models/pruned/{method}/flops{pct}/seed{seed}.pt",
+    "prune_summary": "{results}/models/pruned/{method}/flops{pct}/seed{seed}.json",
+    "finetuned": "{results}/models/finetuned/{method}/flops{pct}/seed{seed}.pt",
+    "metrics_baseline": "{results}/metrics/baseline/seed{seed}.json",
+    "metrics": "{results}/metrics/{method}/flops{pct}/seed{seed}.json",
     "table": "{results}/tables/{name}.{ext}",
     "summary": "{results}/tables/{name}_summary.json",
     "figure": "{results}/figures/{name}_{kind}.png",
     "log": "{results}/logs/{stage}.log",
     "benchmark": "{results}/benchmarks/{stage}.tsv",
 }
+
+#: The split every table, figure and metrics summary reports. ``val`` is for choices
+#: (schedules, loss weights, sweeps) and is never reported; ``train`` is trained on.
+REPORTED_SPLIT = "test"
+SPLITS = ("train", "val", "test")
 
 # Which config keys each stage reads (DVC ``params:``, Snakemake's rerun trigger). Keys
 # of one method or regularizer are added by :func:`stage_params`, so a run that only adds
@@ -51,6 +59,7 @@ PARAMS = {
         "prune.calib_batches",
     ],
     "finetune": ["seed", "finetune.default"],
+    "carve": ["data"],
     "evaluate": ["evaluate"],
     "report": ["report"],
 }
@@ -82,6 +91,10 @@ def stage_params(
 
 COMMANDS = {
     "synth": "detprune data synth --config {params.config} --out-dir {params.out_dir} --log {log}",
+    "carve": (
+        "detprune data carve --ann {input.ann} --size {params.size} --seed {params.seed} "
+        "--out-train {output.train} --out-tune {output.tune} --log {log}"
+    ),
     "check": (
         "detprune data check --ann {input.ann} --images {input.images} "
         "--out {output.report} --log {log}"
@@ -89,31 +102,32 @@ COMMANDS = {
     "train": (
         "detprune train --config {params.config} --train-ann {input.train_ann} "
         "--train-images {input.train_images} --out {output.model} "
-        "--threads {threads} --log {log}"
+        "--seed {wildcards.seed} --threads {threads} --log {log}"
     ),
     "sparse": (
         "detprune sparse --config {params.config} --regularizer {params.regularizer} "
         "--checkpoint {input.model} --train-ann {input.train_ann} "
         "--train-images {input.train_images} --out {output.model} "
-        "--threads {threads} --log {log}"
+        "--seed {wildcards.seed} --threads {threads} --log {log}"
     ),
     "prune": (
         "detprune prune --config {params.config} --method {params.method} "
         "--flops {params.flops} --checkpoint {input.model} "
         "--train-ann {input.train_ann} --train-images {input.train_images} "
-        "--out {output.model} --summary {output.summary} --threads {threads} --log {log}"
+        "--out {output.model} --summary {output.summary} --seed {wildcards.seed} "
+        "--threads {threads} --log {log}"
     ),
     "finetune": (
         "detprune finetune --config {params.config} --method {params.method} "
         "--checkpoint {input.model} --teacher {input.teacher} --train-ann {input.train_ann} "
         "--train-images {input.train_images} --out {output.model} "
-        "--threads {threads} --log {log}"
+        "--seed {wildcards.seed} --threads {threads} --log {log}"
     ),
     "evaluate": (
         "detprune evaluate --config {params.config} --method {params.method} "
-        "--flops {params.flops} --checkpoint {input.model} --val-ann {input.val_ann} "
-        "--val-images {input.val_images} --out {output.metrics} "
-        "--threads {threads} --log {log}"
+        "--flops {params.flops} --checkpoint {input.model} --ann {input.test_ann} "
+        "--images {input.test_images} --split test --out {output.metrics} "
+        "--seed {wildcards.seed} --threads {threads} --log {log}"
     ),
     "table": (
         "detprune table --table {wildcards.table} --profile {wildcards.profile} "
@@ -140,32 +154,103 @@ def path(key: str, config: Mapping[str, Any], **fields: Any) -> str:
 
 
 def dataset_paths(config: Mapping[str, Any]) -> dict[str, str]:
-    """Annotation files and image folders of the train and val splits."""
+    """Annotation files and image folders of the ``train``, ``val`` and ``test`` splits.
+
+    ``test`` is the reported split: the embedded sets' own test split; for COCO the
+    reported ``val_ann`` (val2017, as the papers report), with ``val`` a ``tune`` split of
+    ``data.coco.tune_images`` images carved from the training set (which then trains on
+    the rest); for an ImageFolder (ImageNet) its ``val`` folder, as the papers report,
+    and its ``tune`` folder, when given, for choices.
+    """
     source = config["data"]["source"]
     if source == "synth":
         root = path("synth", config)
         return {
-            "train_ann": f"{root}/instances_train.json",
-            "train_images": f"{root}/train",
-            "val_ann": f"{root}/instances_val.json",
-            "val_images": f"{root}/val",
+            f"{s}_{k}": f"{root}/instances_{s}.json" if k == "ann" else f"{root}/{s}"
+            for s in SPLITS
+            for k in ("ann", "images")
         }
     if source in ("synth_cls", "imagefolder"):  # an ImageFolder split is its own "annotation"
-        root = path("synth_cls", config)
-        folders = (
-            {"train": f"{root}/train", "val": f"{root}/val"}
-            if source == "synth_cls"
-            else config["data"]["imagefolder"]
-        )
-        return {f"{s}_{k}": folders[s] for s in ("train", "val") for k in ("ann", "images")}
-    return dict(config["data"]["coco"])
+        if source == "synth_cls":
+            root = path("synth_cls", config)
+            folders = {s: f"{root}/{s}" for s in SPLITS}
+        else:
+            f = config["data"]["imagefolder"]
+            folders = {"train": f["train"], "val": f.get("tune", f["val"]), "test": f["val"]}
+        return {f"{s}_{k}": folders[s] for s in SPLITS for k in ("ann", "images")}
+    coco = dict(config["data"]["coco"])
+    out = {
+        "train_ann": coco["train_ann"],
+        "train_images": coco["train_images"],
+        "val_ann": coco["val_ann"],
+        "val_images": coco["val_images"],
+        "test_ann": coco["val_ann"],
+        "test_images": coco["val_images"],
+    }
+    if coco.get("tune_images"):
+        out["train_ann"] = path("carved", config, part="train")
+        out["val_ann"] = path("carved", config, part="tune")
+        out["val_images"] = coco["train_images"]
+    return out
+
+
+def carve_source(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the ``carve_split`` job reads when a COCO tune split is carved, else None."""
+    data = config["data"]
+    if data["source"] != "coco" or not data["coco"].get("tune_images"):
+        return None
+    coco = data["coco"]
+    size, seed = int(coco["tune_images"]), int(coco.get("tune_seed", 0))
+    return {"ann": coco["train_ann"], "size": size, "seed": seed}
+
+
+def seeds_of(config: Mapping[str, Any]) -> list[int]:
+    """The seeds every prune -> fine-tune -> evaluate chain runs with: ``seeds`` as a count
+    (``seed``, ``seed`` + 1, ...) or a list; by default the config's ``seed`` alone."""
+    value = config.get("seeds")
+    if value is None:
+        return [int(config["seed"])]
+    if isinstance(value, int):
+        return [int(config["seed"]) + i for i in range(value)]
+    if isinstance(value, str):
+        value = value.split(",")
+    seeds = [int(v) for v in value]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"config field 'seeds': repeated seed in {seeds}")
+    return seeds
+
+
+def baseline_seed(config: Mapping[str, Any], seed: int | str) -> int:
+    """The baseline a chain of ``seed`` prunes: its own with ``baseline_per_seed``, else
+    the one baseline of the config's ``seed`` that every chain shares."""
+    return int(seed) if config.get("baseline_per_seed") else int(config["seed"])
+
+
+def baseline_seeds(config: Mapping[str, Any]) -> list[int]:
+    """The seeds of the baselines the run trains."""
+    return list(dict.fromkeys(baseline_seed(config, s) for s in seeds_of(config)))
+
+
+def scratch_source(method: str) -> str | None:
+    """The method whose architecture ``scratch-<m>`` retrains from scratch, else None."""
+    return method[len(SCRATCH_PREFIX) :] if method.startswith(SCRATCH_PREFIX) else None
+
+
+def planned_methods(config: Mapping[str, Any]) -> list[str]:
+    """``prune.methods`` in config order, each ``scratch-<m>`` preceded by its source
+    ``<m>`` when the list lacks it (its architecture, and the row it is compared with)."""
+    out: list[str] = []
+    for m in config["prune"]["methods"]:
+        src = scratch_source(m)
+        for name in (src, m) if src else (m,):
+            if name not in out:
+                out.append(name)
+    return out
 
 
 def pruned_targets(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(method, pct) pairs in config order."""
-    return [
-        (m, pct(t)) for m in config["prune"]["methods"] for t in config["prune"]["flops_targets"]
-    ]
+    return [(m, pct(t)) for m in planned_methods(config) for t in config["prune"]["flops_targets"]]
 
 
 def sparsity_of(method: str) -> str | None:
@@ -194,29 +279,42 @@ def finetune_rule(config: Mapping[str, Any], method: str) -> str:
 def regularizers(config: Mapping[str, Any]) -> list[str]:
     """The sparse-training stages the configured methods need, in config order."""
     out: list[str] = []
-    for m in config["prune"]["methods"]:
+    for m in planned_methods(config):
         reg = sparsity_of(m)
         if reg and reg not in out:
             out.append(reg)
     return out
 
 
-def prune_source(config: Mapping[str, Any], method: str) -> str:
-    """The checkpoint ``method`` prunes: the sparse-trained one, or the baseline."""
+def prune_source(config: Mapping[str, Any], method: str, pc: str, seed: int | str) -> str:
+    """The checkpoint the ``seed`` chain of ``method`` prunes: the sparse-trained one, the
+    pruned one of its source for a ``scratch-<m>`` control, or the baseline."""
+    src = scratch_source(method)
+    if src:
+        return path("pruned", config, method=src, pct=pc, seed=seed)
     reg = sparsity_of(method)
-    return path("sparse", config, regularizer=reg) if reg else path("baseline", config)
+    if reg:
+        return path("sparse", config, regularizer=reg, seed=seed)
+    return path("baseline", config, seed=baseline_seed(config, seed))
 
 
 def metrics_files(config: Mapping[str, Any]) -> list[str]:
-    """Every metrics JSON the report reads, baseline first."""
-    return [path("metrics_baseline", config)] + [
-        path("metrics", config, method=m, pct=p) for m, p in pruned_targets(config)
+    """Every metrics JSON the report reads: the baselines, then each chain of each seed."""
+    base = [path("metrics_baseline", config, seed=s) for s in baseline_seeds(config)]
+    return base + [
+        path("metrics", config, method=m, pct=p, seed=s)
+        for m, p in pruned_targets(config)
+        for s in seeds_of(config)
     ]
 
 
 def summary_files(config: Mapping[str, Any]) -> list[str]:
     """Every pruning summary the report reads."""
-    return [path("prune_summary", config, method=m, pct=p) for m, p in pruned_targets(config)]
+    return [
+        path("prune_summary", config, method=m, pct=p, seed=s)
+        for m, p in pruned_targets(config)
+        for s in seeds_of(config)
+    ]
 
 
 def report_outputs(config: Mapping[str, Any]) -> dict[str, str]:
@@ -238,11 +336,20 @@ def table_outputs(config: Mapping[str, Any], table: str, profile: str) -> dict[s
 
 
 def section_digest(
-    config: Mapping[str, Any], stage: str, method: str | None = None, regularizer: str | None = None
+    config: Mapping[str, Any],
+    stage: str,
+    method: str | None = None,
+    regularizer: str | None = None,
+    seed: int | str | None = None,
 ) -> str:
-    """The config values a stage reads, as canonical JSON (a Snakemake rerun trigger)."""
+    """The config values a stage reads, as canonical JSON (a Snakemake rerun trigger).
+    ``seed``: the job's own seed (its ``{seed}`` wildcard), which replaces the config's,
+    so the seed-0 jobs of a run with ``seeds: 3`` are those of the one-seed run."""
     keys = stage_params(config, stage, method, regularizer)
-    return json.dumps({k: _get(config, k) for k in keys}, sort_keys=True)
+    values = {k: _get(config, k) for k in keys}
+    if seed is not None and "seed" in values:
+        values["seed"] = int(seed)
+    return json.dumps(values, sort_keys=True)
 
 
 @dataclass
@@ -269,185 +376,190 @@ def _cmd(stage: str, **parts: Any) -> str:
     return COMMANDS[stage].format(**ns)
 
 
-def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
-    """The DAG as DVC stages, from the same templates and paths as the Snakefile."""
+def _data_stages(config: Mapping[str, Any], p: dict[str, Any]) -> list[Stage]:
+    """Dataset (synthetic, or the carved COCO tune split) and its per-split checks."""
     data = dataset_paths(config)
-    p = {"config": config_path}
     stages: list[Stage] = []
     if config["data"]["source"] == "synth":
         d = path("synth", config)
-        stages.append(
-            Stage(
-                "synth",
-                _cmd("synth", params={**p, "out_dir": d}, log=path("log", config, stage="synth")),
-                ["src/detprune/data/synth.py"],
-                [d],
-                stage_params(config, "synth"),
-            )
-        )
-    for split in ("train", "val"):
+        log = path("log", config, stage="synth")
+        cmd = _cmd("synth", params={**p, "out_dir": d}, log=log)
+        stages.append(Stage("synth", cmd, ["src/detprune/data/synth.py"], [d], ["data"]))
+    carve = carve_source(config)
+    if carve:
+        out = {"train": data["train_ann"], "tune": data["val_ann"]}
+        params = {"size": carve["size"], "seed": carve["seed"]}
+        log = path("log", config, stage="carve")
+        cmd = _cmd("carve", input={"ann": carve["ann"]}, params=params, output=out, log=log)
+        stages.append(Stage("carve_split", cmd, [carve["ann"]], list(out.values()), ["data"]))
+    for split in SPLITS:
         ann, img, rep = (
             data[f"{split}_ann"],
             data[f"{split}_images"],
             path("check", config, split=split),
         )
-        stages.append(
-            Stage(
-                f"check_{split}",
-                _cmd(
-                    "check",
-                    input={"ann": ann, "images": img},
-                    output={"report": rep},
-                    log=path("log", config, stage=f"check_{split}"),
-                ),
-                [ann, img],
-                [rep],
-                [],
-            )
-        )
+        log = path("log", config, stage=f"check_{split}")
+        cmd = _cmd("check", input={"ann": ann, "images": img}, output={"report": rep}, log=log)
+        stages.append(Stage(f"check_{split}", cmd, [ann, img], [rep], []))
+    return stages
+
+
+def _baseline_stages(config: Mapping[str, Any], p: dict[str, Any], seed: int) -> list[Stage]:
+    """Training and evaluation of the baseline of ``seed``."""
+    data = dataset_paths(config)
     train_in = {"train_ann": data["train_ann"], "train_images": data["train_images"]}
-    checks = [path("check", config, split=s) for s in ("train", "val")]
-    base = path("baseline", config)
-    stages.append(
+    test_in = {"test_ann": data["test_ann"], "test_images": data["test_images"]}
+    checks = [path("check", config, split=s) for s in SPLITS]
+    base, mb = path("baseline", config, seed=seed), path("metrics_baseline", config, seed=seed)
+    w, tag = {"seed": seed}, f"seed{seed}"
+    train = _cmd(
+        "train",
+        params=p,
+        input=train_in,
+        output={"model": base},
+        wildcards=w,
+        threads=stage_threads(config, "train"),
+        log=path("log", config, stage=f"train/{tag}"),
+    )
+    evaluate = _cmd(
+        "evaluate",
+        params={**p, "method": "baseline", "flops": 1.0},
+        input={"model": base, **test_in},
+        output={"metrics": mb},
+        wildcards=w,
+        threads=stage_threads(config, "evaluate"),
+        log=path("log", config, stage=f"evaluate_baseline/{tag}"),
+    )
+    return [
         Stage(
-            "train",
-            _cmd(
-                "train",
-                params=p,
-                input=train_in,
-                output={"model": base},
-                threads=stage_threads(config, "train"),
-                log=path("log", config, stage="train"),
-            ),
+            f"train_{tag}",
+            train,
             [*train_in.values(), *checks],
             [base],
             stage_params(config, "train"),
-        )
-    )
-    val_in = {"val_ann": data["val_ann"], "val_images": data["val_images"]}
-    mb = path("metrics_baseline", config)
-    stages.append(
+        ),
         Stage(
-            "evaluate_baseline",
-            _cmd(
-                "evaluate",
-                params={**p, "method": "baseline", "flops": 1.0},
-                input={"model": base, **val_in},
-                output={"metrics": mb},
-                threads=stage_threads(config, "evaluate"),
-                log=path("log", config, stage="evaluate_baseline"),
-            ),
-            [base, *val_in.values()],
+            f"evaluate_baseline_{tag}",
+            evaluate,
+            [base, *test_in.values()],
             [mb],
             stage_params(config, "evaluate"),
-        )
+        ),
+    ]
+
+
+def _sparse_stage(config: Mapping[str, Any], p: dict[str, Any], reg: str, seed: int) -> Stage:
+    data = dataset_paths(config)
+    train_in = {"train_ann": data["train_ann"], "train_images": data["train_images"]}
+    base = path("baseline", config, seed=baseline_seed(config, seed))
+    sp = path("sparse", config, regularizer=reg, seed=seed)
+    cmd = _cmd(
+        "sparse",
+        params={**p, "regularizer": reg},
+        input={"model": base, **train_in},
+        output={"model": sp},
+        wildcards={"seed": seed},
+        threads=stage_threads(config, "sparse"),
+        log=path("log", config, stage=f"sparse/{reg}_seed{seed}"),
     )
-    for reg in regularizers(config):
-        sp = path("sparse", config, regularizer=reg)
-        stages.append(
-            Stage(
-                f"sparse_{reg}",
-                _cmd(
-                    "sparse",
-                    params={**p, "regularizer": reg},
-                    input={"model": base, **train_in},
-                    output={"model": sp},
-                    threads=stage_threads(config, "sparse"),
-                    log=path("log", config, stage=f"sparse/{reg}"),
-                ),
-                [base, *train_in.values()],
-                [sp],
-                stage_params(config, "sparse", regularizer=reg),
-            )
+    params = stage_params(config, "sparse", regularizer=reg)
+    return Stage(f"sparse_{reg}_seed{seed}", cmd, [base, *train_in.values()], [sp], params)
+
+
+def _chain_stages(
+    config: Mapping[str, Any], p: dict[str, Any], method: str, pc: str, seed: int
+) -> list[Stage]:
+    """prune -> fine-tune -> evaluate of one method, FLOPs target and seed."""
+    data = dataset_paths(config)
+    train_in = {"train_ann": data["train_ann"], "train_images": data["train_images"]}
+    test_in = {"test_ann": data["test_ann"], "test_images": data["test_images"]}
+    at = {"method": method, "pct": pc, "seed": seed}
+    source, base = (
+        prune_source(config, method, pc, seed),
+        path("baseline", config, seed=baseline_seed(config, seed)),
+    )
+    pr, sm = path("pruned", config, **at), path("prune_summary", config, **at)
+    ft, mt = path("finetuned", config, **at), path("metrics", config, **at)
+    mp, w = {**p, "method": method, "flops": float(pc) / 100}, {"seed": seed}
+    tag = f"{method}_flops{pc}_seed{seed}"
+    ft_rule = finetune_rule(config, method)
+
+    def cmd(stage: str, folder: str, **parts: Any) -> str:
+        log = path("log", config, stage=f"{folder}/{method}_flops{pc}/seed{seed}")
+        return _cmd(
+            stage, params=mp, wildcards=w, threads=stage_threads(config, stage), log=log, **parts
         )
-    for method, pc in pruned_targets(config):
-        source = prune_source(config, method)
-        tag = f"{method}_flops{pc}"
-        flops = float(pc) / 100
-        pr, sm = (
-            path("pruned", config, method=method, pct=pc),
-            path("prune_summary", config, method=method, pct=pc),
-        )
-        ft, mt = (
-            path("finetuned", config, method=method, pct=pc),
-            path("metrics", config, method=method, pct=pc),
-        )
-        mp = {**p, "method": method, "flops": flops}
-        stages.append(
-            Stage(
-                f"prune_{tag}",
-                _cmd(
-                    "prune",
-                    params=mp,
-                    input={"model": source, **train_in},
-                    output={"model": pr, "summary": sm},
-                    threads=stage_threads(config, "prune"),
-                    log=path("log", config, stage=f"prune/{tag}"),
-                ),
-                [source, *train_in.values()],
-                [pr, sm],
-                stage_params(config, "prune", method=method),
-            )
-        )
-        ft_dir = finetune_rule(config, method)
-        stages.append(
-            Stage(
-                f"{ft_dir}_{tag}",
-                _cmd(
-                    "finetune",
-                    params=mp,
-                    input={"model": pr, "teacher": base, **train_in},
-                    output={"model": ft},
-                    threads=stage_threads(config, "finetune"),
-                    log=path("log", config, stage=f"{ft_dir}/{tag}"),
-                ),
-                [pr, base, *train_in.values()],
-                [ft],
-                stage_params(config, "finetune", method=method),
-            )
-        )
-        stages.append(
-            Stage(
-                f"evaluate_{tag}",
-                _cmd(
-                    "evaluate",
-                    params=mp,
-                    input={"model": ft, **val_in},
-                    output={"metrics": mt},
-                    threads=stage_threads(config, "evaluate"),
-                    log=path("log", config, stage=f"evaluate/{tag}"),
-                ),
-                [ft, *val_in.values()],
-                [mt],
-                stage_params(config, "evaluate"),
-            )
-        )
+
+    prune = cmd(
+        "prune", "prune", input={"model": source, **train_in}, output={"model": pr, "summary": sm}
+    )
+    tune = cmd(
+        "finetune", ft_rule, input={"model": pr, "teacher": base, **train_in}, output={"model": ft}
+    )
+    evaluate = cmd("evaluate", "evaluate", input={"model": ft, **test_in}, output={"metrics": mt})
+    return [
+        Stage(
+            f"prune_{tag}",
+            prune,
+            [source, *train_in.values()],
+            [pr, sm],
+            stage_params(config, "prune", method=method),
+        ),
+        Stage(
+            f"{ft_rule}_{tag}",
+            tune,
+            [pr, base, *train_in.values()],
+            [ft],
+            stage_params(config, "finetune", method=method),
+        ),
+        Stage(
+            f"evaluate_{tag}",
+            evaluate,
+            [ft, *test_in.values()],
+            [mt],
+            stage_params(config, "evaluate"),
+        ),
+    ]
+
+
+def _report_stage(config: Mapping[str, Any], p: dict[str, Any]) -> Stage:
     rep = report_outputs(config)
     metrics, summaries = metrics_files(config), summary_files(config)
     name = config["report"]["name"]
-    stages.append(
-        Stage(
-            "report",
-            _cmd(
-                "report",
-                params={
-                    **p,
-                    "tables_dir": f"{config['results']}/tables",
-                    "figures_dir": f"{config['results']}/figures",
-                },
-                input={"metrics": " ".join(metrics), "summaries": " ".join(summaries)},
-                log=path("log", config, stage="report"),
-            ),
-            [*metrics, *summaries],
-            [rep["md"], rep["tex"], rep["map_vs_flops"], rep["channels"]],
-            stage_params(config, "report"),
-            metrics=[rep["summary"]],
-            plots=[
-                {rep["csv"]: {"x": "flops_kept (%)", "y": "mAP", "title": f"{name}: mAP vs FLOPs"}}
-            ],
-        )
+    dirs = {
+        "tables_dir": f"{config['results']}/tables",
+        "figures_dir": f"{config['results']}/figures",
+    }
+    cmd = _cmd(
+        "report",
+        params={**p, **dirs},
+        input={"metrics": " ".join(metrics), "summaries": " ".join(summaries)},
+        log=path("log", config, stage="report"),
     )
-    return stages
+    plot = {"x": "flops_kept (%)", "y": "mAP", "title": f"{name}: mAP vs FLOPs (test split)"}
+    return Stage(
+        "report",
+        cmd,
+        [*metrics, *summaries],
+        [rep["md"], rep["tex"], rep["map_vs_flops"], rep["channels"]],
+        stage_params(config, "report"),
+        metrics=[rep["summary"]],
+        plots=[{rep["csv"]: plot}],
+    )
+
+
+def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
+    """The DAG as DVC stages, from the same templates and paths as the Snakefile."""
+    p = {"config": config_path}
+    stages = _data_stages(config, p)
+    for seed in baseline_seeds(config):
+        stages += _baseline_stages(config, p, seed)
+    for seed in seeds_of(config):
+        stages += [_sparse_stage(config, p, reg, seed) for reg in regularizers(config)]
+    for method, pc in pruned_targets(config):
+        for seed in seeds_of(config):
+            stages += _chain_stages(config, p, method, pc, seed)
+    return [*stages, _report_stage(config, p)]
 
 
 def dvc_yaml(config: Mapping[str, Any], config_path: str) -> str:

@@ -58,18 +58,34 @@ def test_snakemake_runs_the_whole_dag(snakemake_run):
         assert table.loc[row, "flops_target (%)"] == pytest.approx(50)
         assert abs(table.loc[row, "flops_kept (%)"] - 50) <= 1.0  # within 2% of the target
         assert table.loc[row, "params (M)"] < table.loc[0, "params (M)"]
-    assert (res / "models" / "sparse" / "bn_l1.pt").is_file()  # slim's own cached stage
+    assert (res / "models" / "sparse" / "bn_l1" / "seed0.pt").is_file()  # slim's own stage
+    # intervals against the baseline and against the reference (l1) at the same target
+    assert table.loc[1, "mark"] == "reference" and table.loc[2, "vs ref"] == "l1"
+    for row in (1, 2):
+        lo, hi = table.loc[row, "ΔmAP lo"], table.loc[row, "ΔmAP hi"]
+        assert lo <= table.loc[row, "ΔmAP"] <= hi
+    assert table.loc[2, "mark"] in ("better", "worse", "within noise")
+    assert "±" in (res / "tables" / "tiny.md").read_text()
     for name in ("tiny.md", "tiny.tex", "tiny_summary.json"):
         assert (res / "tables" / name).stat().st_size > 0
     for name in ("tiny_map_vs_flops.png", "tiny_channels_per_layer.png"):
         assert (res / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    metrics = json.loads((res / "metrics" / "l1" / "flops50.json").read_text())
+    metrics = json.loads((res / "metrics" / "l1" / "flops50" / "seed0.json").read_text())
+    assert metrics["split"] == "test" and metrics["data"]["ann"].endswith("instances_test.json")
+    boot = metrics["bootstrap"]
+    assert boot["images"] == 12 and len(boot["AP"]) == boot["resamples"] == 1000
+    summary = json.loads((res / "tables" / "tiny_summary.json").read_text())
+    assert summary["split"] == "test" and set(summary["rows"]) == {
+        "baseline@1",
+        "l1@0.5",
+        "slim@0.5",
+    }
     assert set(metrics["metrics"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
     assert metrics["cost"]["input_size"] == [64, 64]
     assert metrics["provenance"]["versions"]["torch"].startswith("2.14.1")
     # every rule wrote its log and benchmark
-    assert (res / "logs" / "train.log").stat().st_size > 0
-    assert (res / "benchmarks" / "train.tsv").is_file()
+    assert (res / "logs" / "train" / "seed0.log").stat().st_size > 0
+    assert (res / "benchmarks" / "train" / "seed0.tsv").is_file()
 
 
 def test_rerun_has_nothing_to_do(snakemake_run):
@@ -98,6 +114,24 @@ def test_adding_a_method_reruns_only_its_jobs(snakemake_run):
     }
 
 
+def test_more_seeds_add_only_the_new_seeds_chains(snakemake_run):
+    """`--config seeds=2` reuses every job of the one-seed run (the shared baseline
+    too) and plans seed 1's sparse training and chains, then the report."""
+    proj, _ = snakemake_run
+    out = _run([str(BIN / "snakemake"), "--cores", "2", "-n", "--config", "seeds=2"], proj)
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
+    assert jobs == {
+        "sparse_train": "1",
+        "prune": "2",
+        "finetune": "2",
+        "evaluate_pruned": "2",
+        "make_report": "1",
+        "all": "1",
+        "total": "9",
+    }
+    assert "flops50/seed1.pt" in out.stdout and "flops50/seed2" not in out.stdout
+
+
 def test_dvc_repro_runs_the_same_stages_with_identical_metrics(
     root, snakemake_run, tmp_path_factory
 ):
@@ -112,12 +146,17 @@ def test_dvc_repro_runs_the_same_stages_with_identical_metrics(
     _run([str(BIN / "dvc"), "repro"], proj)
     status = _run([str(BIN / "dvc"), "status"], proj)
     assert "up to date" in status.stdout
-    for rel in ("metrics/baseline.json", "metrics/l1/flops50.json", "metrics/slim/flops50.json"):
+    for rel in (
+        "metrics/baseline/seed0.json",
+        "metrics/l1/flops50/seed0.json",
+        "metrics/slim/flops50/seed0.json",
+    ):
         a = json.loads((smk_proj / "results" / rel).read_text())
         b = json.loads((proj / "results" / rel).read_text())
         assert a["metrics"] == b["metrics"], rel  # same seed, same CPU: identical metrics
         assert a["cost"]["macs"] == b["cost"]["macs"]
         assert a["checkpoint"]["sha256"] == b["checkpoint"]["sha256"], rel  # bitwise weights
+        assert a["bootstrap"]["AP"] == b["bootstrap"]["AP"], rel
     shown = _run([str(BIN / "dvc"), "metrics", "show"], proj)
     assert "baseline@1" in shown.stdout
 

@@ -83,10 +83,12 @@ def test_a_table_run_reports_mean_and_std_of_its_two_seeds(tiny_table_run):
     aps, bases = [], []
     for seed in (0, 1):
         exp = proj / f"results/experiments/mini/synth/fasterrcnn_narrow_fpn/seed{seed}"
-        rec = json.loads((exp / "metrics/l1/flops10.json").read_text())
+        rec = json.loads((exp / f"metrics/l1/flops10/seed{seed}.json").read_text())
+        assert rec["split"] == "test"
         assert rec["seed"] == seed
         aps.append(100 * rec["metrics"]["AP"])
-        bases.append(100 * json.loads((exp / "metrics/baseline.json").read_text())["metrics"]["AP"])
+        base = json.loads((exp / f"metrics/baseline/seed{seed}.json").read_text())
+        bases.append(100 * base["metrics"]["AP"])
         # every experiment records its config beside its results
         assert yaml.safe_load((exp / "config.yaml").read_text())["seed"] == seed
     l1 = df.iloc[0]

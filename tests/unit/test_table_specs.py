@@ -126,6 +126,7 @@ def _record(model: str, method: str, flops: float, seed: int, ap: float, macs: f
         "method": method,
         "flops_target": flops,
         "seed": seed,
+        "split": "test",
         "metrics": {"AP": ap, "AP50": ap + 0.2},
         "cost": {"params": 1e6 * flops, "macs": macs},
     }
@@ -138,9 +139,15 @@ def test_two_seeds_give_the_mean_and_std_of_exactly_those_two_runs(tmp_path):
     for seed, (base_ap, lcp_ap) in values.items():
         at = Path(E.experiment_dir(main, spec, "ssd", "mini", seed))
         recs = {
-            "metrics/baseline.json": _record("ssd_narrow", "baseline", 1.0, seed, base_ap, 100.0),
-            "metrics/lcp/flops53.json": _record("ssd_narrow", "lcp", 0.53, seed, lcp_ap, 53.0),
-            "metrics/dcp/flops53.json": _record("ssd_narrow", "dcp", 0.53, seed, 0.1, 52.0),
+            f"metrics/baseline/seed{seed}.json": _record(
+                "ssd_narrow", "baseline", 1.0, seed, base_ap, 100.0
+            ),
+            f"metrics/lcp/flops53/seed{seed}.json": _record(
+                "ssd_narrow", "lcp", 0.53, seed, lcp_ap, 53.0
+            ),
+            f"metrics/dcp/flops53/seed{seed}.json": _record(
+                "ssd_narrow", "dcp", 0.53, seed, 0.1, 52.0
+            ),
         }
         for rel, rec in recs.items():
             (at / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,13 @@ def test_dvc_runs_exactly_the_commands_snakemake_plans(root):
     cfg = load_config(root / "config" / "config.yaml")
     n = len(cfg["prune"]["methods"]) * len(cfg["prune"]["flops_targets"])
     sparse = {"depgraph", "slim"} & set(cfg["prune"]["methods"])
-    assert len(planned) == 1 + 2 + 1 + 1 + len(sparse) + 3 * n + 1
+    assert len(planned) == 1 + 3 + 1 + 1 + len(sparse) + 3 * n + 1
     assert "metrics" in stages["report"] and "plots" in stages["report"]
+    # every evaluation scores the held-out test split, never val
+    evaluations = [c for c in planned if c.startswith("detprune evaluate")]
+    assert len(evaluations) == 1 + n
+    assert all("instances_test.json" in c and "--split test" in c for c in evaluations)
+    assert not any("instances_val.json" in c for c in planned if "data check" not in c)
 
 
 def test_dvc_check_flags_a_stale_file(root, tmp_path: Path):
@@ -97,10 +102,10 @@ def test_distilling_methods_get_their_own_rule_and_dvc_stage(root, monkeypatch):
     assert distilled == ["gcp-sad"] * 3  # SAD: its own rule, one job per FLOPs target
     assert plain == {"l1", "slim", "gcp"}
     stages = yaml.safe_load(dvc_yaml(cfg, "config/gcp.yaml"))["stages"]
-    assert sorted(s for s in stages if s.startswith("finetune_distill_")) == [
-        "finetune_distill_gcp-sad_flops10",
-        "finetune_distill_gcp-sad_flops25",
-        "finetune_distill_gcp-sad_flops50",
+    assert sorted(s for s in stages if s.startswith("finetune_distill_")) == [  # seed 0
+        "finetune_distill_gcp-sad_flops10_seed0",
+        "finetune_distill_gcp-sad_flops25_seed0",
+        "finetune_distill_gcp-sad_flops50_seed0",
     ]
     planned = {
         line.removeprefix("Shell command: ")
@@ -108,3 +113,37 @@ def test_distilling_methods_get_their_own_rule_and_dvc_stage(root, monkeypatch):
         if line.startswith("Shell command: detprune finetune")
     }
     assert planned == {s["cmd"] for n, s in stages.items() if n.startswith("finetune")}
+
+
+def test_more_seeds_add_only_their_own_chains(root, monkeypatch):
+    """`--config seeds=3` keeps every job of the one-seed run (same paths, same params
+    digest) and adds the chains of seeds 1 and 2, sharing the one baseline."""
+    from detprune.workflow import metrics_files, section_digest, summary_files
+
+    monkeypatch.chdir(root)
+    one = load_config("config/config.yaml")
+    three = {**one, "seeds": 3}
+    n = len(one["prune"]["methods"]) * len(one["prune"]["flops_targets"])
+    assert len(metrics_files(one)) == 1 + n and len(metrics_files(three)) == 1 + 3 * n
+    assert set(metrics_files(one)) < set(metrics_files(three))
+    assert set(summary_files(one)) < set(summary_files(three))
+    assert [f for f in metrics_files(three) if "baseline" in f] == [
+        "results/metrics/baseline/seed0.json"
+    ]
+    for stage, method in (("prune", "l1"), ("finetune", "l1"), ("sparse", None)):
+        reg = "bn_l1" if stage == "sparse" else None
+        assert section_digest(one, stage, method, reg, "0") == section_digest(
+            three, stage, method, reg, "0"
+        )
+        assert section_digest(three, stage, method, reg, "1") != section_digest(
+            three, stage, method, reg, "0"
+        )
+    per_seed = {**three, "baseline_per_seed": True}
+    assert [f for f in metrics_files(per_seed) if "baseline" in f] == [
+        f"results/metrics/baseline/seed{k}.json" for k in range(3)
+    ]
+    stages = yaml.safe_load(dvc_yaml(three, "config/config.yaml"))["stages"]
+    assert "prune_l1_flops10_seed2" in stages and "train_seed0" in stages
+    assert "train_seed1" not in stages
+    assert "--seed 2" in stages["prune_l1_flops10_seed2"]["cmd"]
+    assert "results/models/baseline/seed0.pt" in stages["prune_l1_flops10_seed2"]["deps"]

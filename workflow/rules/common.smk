@@ -65,7 +65,8 @@ wildcard_constraints:
     results="|".join(re.escape(r) for r in EXPERIMENTS),
     method=r"[a-z][a-z0-9_-]*",
     pct=r"[0-9]+(\.[0-9]+)?",
-    split=r"train|val",
+    split=r"train|val|test",
+    seed=r"[0-9]+",
     regularizer=r"[a-z][a-z0-9_]*",
 
 
@@ -76,7 +77,7 @@ def X(wildcards):
 
 def P(key, **fields):
     """A path pattern of kind `key` (wildcards left as {name})."""
-    names = ("results", "method", "pct", "split", "regularizer", "stage")
+    names = ("results", "method", "pct", "split", "regularizer", "stage", "seed", "part")
     return W.PATHS[key].format(**{**{n: f"{{{n}}}" for n in names}, **fields})
 
 
@@ -93,7 +94,9 @@ def get_params(stage):
 
     def digest(wildcards):
         w = dict(wildcards)
-        return W.section_digest(X(wildcards).config, stage, w.get("method"), w.get("regularizer"))
+        return W.section_digest(
+            X(wildcards).config, stage, w.get("method"), w.get("regularizer"), w.get("seed")
+        )
 
     return digest
 
@@ -107,9 +110,10 @@ def get_train_data(wildcards):
     return {"train_ann": d["train_ann"], "train_images": d["train_images"]}
 
 
-def get_val_data(wildcards):
+def get_test_data(wildcards):
+    """The reported (held-out) split: every evaluation job scores on it."""
     d = _data(wildcards)
-    return {"val_ann": d["val_ann"], "val_images": d["val_images"]}
+    return {"test_ann": d["test_ann"], "test_images": d["test_images"]}
 
 
 def get_split_data(wildcards):
@@ -128,7 +132,21 @@ def out_dir(name):
 
 def get_prune_source(wildcards):
     """The sparse-trained checkpoint when the method has a sparse stage, else the baseline."""
-    return W.prune_source(X(wildcards).config, wildcards.method)
+    return W.prune_source(X(wildcards).config, wildcards.method, wildcards.pct, wildcards.seed)
+
+
+def get_teacher(wildcards):
+    """The baseline a chain prunes (its teacher for distillation)."""
+    cfg = X(wildcards).config
+    return W.path("baseline", cfg, seed=W.baseline_seed(cfg, wildcards.seed))
+
+
+def get_carve_params(wildcards):
+    return W.carve_source(X(wildcards).config)
+
+
+def get_carve_input(wildcards):
+    return W.carve_source(X(wildcards).config)["ann"]
 
 
 def get_final_outputs():

@@ -1,6 +1,6 @@
 rule evaluate_baseline:
     input:
-        unpack(get_val_data),
+        unpack(get_test_data),
         model=P("baseline"),
     output:
         metrics=P("metrics_baseline"),
@@ -10,9 +10,9 @@ rule evaluate_baseline:
         flops=1.0,
         digest=get_params("evaluate"),
     log:
-        log_path("evaluate_baseline"),
+        log_path("evaluate_baseline/seed{seed}"),
     benchmark:
-        bench_path("evaluate_baseline")
+        bench_path("evaluate_baseline/seed{seed}")
     threads: W.stage_threads(config, "evaluate")
     resources:
         mem_mb=4000,
@@ -26,7 +26,7 @@ rule evaluate_baseline:
 
 rule evaluate_pruned:
     input:
-        unpack(get_val_data),
+        unpack(get_test_data),
         model=P("finetuned"),
     output:
         metrics=P("metrics"),
@@ -36,9 +36,9 @@ rule evaluate_pruned:
         flops=get_flops,
         digest=get_params("evaluate"),
     log:
-        log_path("evaluate/{method}_flops{pct}"),
+        log_path("evaluate/{method}_flops{pct}/seed{seed}"),
     benchmark:
-        bench_path("evaluate/{method}_flops{pct}")
+        bench_path("evaluate/{method}_flops{pct}/seed{seed}")
     threads: W.stage_threads(config, "evaluate")
     resources:
         mem_mb=4000,

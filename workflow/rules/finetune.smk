@@ -7,7 +7,7 @@ rule finetune:
     input:
         unpack(get_train_data),
         model=P("pruned"),
-        teacher=P("baseline"),
+        teacher=get_teacher,
     output:
         model=P("finetuned"),
     params:
@@ -15,9 +15,9 @@ rule finetune:
         method="{method}",
         digest=get_params("finetune"),
     log:
-        log_path("finetune/{method}_flops{pct}"),
+        log_path("finetune/{method}_flops{pct}/seed{seed}"),
     benchmark:
-        bench_path("finetune/{method}_flops{pct}")
+        bench_path("finetune/{method}_flops{pct}/seed{seed}")
     threads: W.stage_threads(config, "finetune")
     resources:
         mem_mb=8000,
@@ -33,6 +33,6 @@ use rule finetune as finetune_distill with:
     wildcard_constraints:
         method=METHOD_DISTILLED,
     log:
-        log_path("finetune_distill/{method}_flops{pct}"),
+        log_path("finetune_distill/{method}_flops{pct}/seed{seed}"),
     benchmark:
-        bench_path("finetune_distill/{method}_flops{pct}")
+        bench_path("finetune_distill/{method}_flops{pct}/seed{seed}")

@@ -11,9 +11,9 @@ rule prune:
         flops=get_flops,
         digest=get_params("prune"),
     log:
-        log_path("prune/{method}_flops{pct}"),
+        log_path("prune/{method}_flops{pct}/seed{seed}"),
     benchmark:
-        bench_path("prune/{method}_flops{pct}")
+        bench_path("prune/{method}_flops{pct}/seed{seed}")
     threads: W.stage_threads(config, "prune")
     resources:
         mem_mb=8000,

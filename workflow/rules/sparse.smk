@@ -1,7 +1,7 @@
 rule sparse_train:
     input:
         unpack(get_train_data),
-        model=P("baseline"),
+        model=get_teacher,
     output:
         model=P("sparse"),
     params:
@@ -9,9 +9,9 @@ rule sparse_train:
         regularizer="{regularizer}",
         digest=get_params("sparse"),
     log:
-        log_path("sparse/{regularizer}"),
+        log_path("sparse/{regularizer}_seed{seed}"),
     benchmark:
-        bench_path("sparse/{regularizer}")
+        bench_path("sparse/{regularizer}_seed{seed}")
     threads: W.stage_threads(config, "sparse")
     resources:
         mem_mb=8000,

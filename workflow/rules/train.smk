@@ -1,16 +1,16 @@
 rule train_baseline:
     input:
         unpack(get_train_data),
-        checks=expand(P("check"), split=["train", "val"], allow_missing=True),
+        checks=expand(P("check"), split=W.SPLITS, allow_missing=True),
     output:
         model=P("baseline"),
     params:
         config=get_config_path,
         digest=get_params("train"),
     log:
-        log_path("train"),
+        log_path("train/seed{seed}"),
     benchmark:
-        bench_path("train")
+        bench_path("train/seed{seed}")
     threads: W.stage_threads(config, "train")
     resources:
         mem_mb=8000,

@@ -49,11 +49,11 @@ def table_files(
     files: list[str] = []
     for seed in seeds:
         for key in table.experiments:
-            files.append(wpath("metrics_baseline", _at(main, table, key, profile, seed)))
+            files.append(wpath("metrics_baseline", _at(main, table, key, profile, seed), seed=seed))
         for row in table.rows:
             if not row.missing:
                 at = _at(main, table, row.experiment, profile, seed)
-                files.append(wpath("metrics", at, method=row.method, pct=pct(row.flops)))
+                files.append(wpath("metrics", at, method=row.method, pct=pct(row.flops), seed=seed))
     return list(dict.fromkeys(files))
 
 
@@ -88,8 +88,8 @@ def build_paper_table(
         base_vals, vals, deltas, kept, params = [], [], [], [], []
         for seed in seeds if not row.missing else ():
             at = _at(main, table, row.experiment, profile, seed)
-            base = records[wpath("metrics_baseline", at)]
-            rec = records[wpath("metrics", at, method=row.method, pct=pct(row.flops))]
+            base = records[wpath("metrics_baseline", at, seed=seed)]
+            rec = records[wpath("metrics", at, method=row.method, pct=pct(row.flops), seed=seed)]
             b, v = _value(base, field), _value(rec, field)
             base_vals.append(b)
             vals.append(v)

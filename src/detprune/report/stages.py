@@ -23,37 +23,74 @@ def report(
 
     name = config["report"]["name"]
     records = load_records([Path(p) for p in metrics])
-    df = build_table(records)
+    rcfg = config["report"]
+    boot = config["evaluate"].get("bootstrap", {})
+    df = build_table(
+        records,
+        reference=rcfg.get("reference", "l1"),
+        level=rcfg.get("level", 0.95),
+        seed=boot.get("seed", 0),
+    )
     paths = write_table(df, Path(tables_dir) / name)
-    summary = {
-        f"{r['method']}@{r['flops_target']:g}": {
-            k: v
-            for k, v in r["metrics"].items()
-            if k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "top1", "top5")
-        }
-        | {"macs": r["cost"]["macs"], "params": r["cost"]["params"]}
-        for r in records
-    }
-    write_json(Path(tables_dir) / f"{name}_summary.json", summary)
+    write_json(Path(tables_dir) / f"{name}_summary.json", metrics_summary(df))
     paths.append(
         plot_map_vs_flops(
-            df, Path(figures_dir) / f"{name}_map_vs_flops.png", title=f"{name}: mAP vs FLOPs kept"
+            df,
+            Path(figures_dir) / f"{name}_map_vs_flops.png",
+            title=f"{name}: mAP vs FLOPs kept (test split)",
         )
     )
-    layer_records = []
-    for p in summaries:
+    layer_records: dict[tuple[str, float], dict[str, Any]] = {}
+    for p in summaries:  # one seed's widths per row: the first given
         rec = json.loads(Path(p).read_text())
-        layer_records.append(
-            {"method": rec["method"], "flops_target": rec["flops_target"], "layers": rec["layers"]}
+        layer_records.setdefault(
+            (rec["method"], rec["flops_target"]),
+            {"method": rec["method"], "flops_target": rec["flops_target"], "layers": rec["layers"]},
         )
     paths.append(
         plot_channels_per_layer(
-            layer_records,
+            list(layer_records.values()),
             Path(figures_dir) / f"{name}_channels_per_layer.png",
             title=f"{name}: channels kept per layer",
         )
     )
     return paths
+
+
+#: Table columns the DVC metrics summary carries, per row.
+SUMMARY_COLUMNS = (
+    "mAP",
+    "mAP std",
+    "seeds",
+    "AP50",
+    "AP75",
+    "ΔmAP",
+    "ΔmAP lo",
+    "ΔmAP hi",
+    "Δref",
+    "Δref lo",
+    "Δref hi",
+    "mark",
+    "flops_kept (%)",
+    "GMACs",
+    "params (M)",
+)
+
+
+def metrics_summary(df: Any) -> dict[str, Any]:
+    """The DVC metrics file: every row of the table (test split, mean over seeds),
+    keyed ``<method>@<flops target>``; missing values left out."""
+    rows: dict[str, Any] = {}
+    for rec in df.to_dict("records"):
+        key = f"{rec['method']}@{rec['flops_target (%)'] / 100:g}"
+        if df["detector"].nunique() > 1:
+            key = f"{rec['detector']}/{key}"
+        rows[key] = {
+            c: rec[c]
+            for c in SUMMARY_COLUMNS
+            if c in rec and isinstance(rec[c], (int, float, str)) and rec[c] == rec[c]
+        }
+    return {"split": "test", "rows": rows}
 
 
 def paper_table(

@@ -245,10 +245,10 @@ def _run_epoch(
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
     model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8
-) -> tuple[dict[str, float | None], str]:
-    """COCO box metrics of ``model`` on ``dataset`` through pycocotools."""
+) -> list[dict]:
+    """``model``'s detections on every image of ``dataset`` as COCO result dicts."""
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0)
     results: list[dict] = []
@@ -257,6 +257,14 @@ def evaluate(
         outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
         ids = [int(t["image_id"]) for t in targets]
         results.extend(detections_to_coco(outputs, ids, dataset.label_to_cat))
+    return results
+
+
+def evaluate(
+    model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8
+) -> tuple[dict[str, float | None], str]:
+    """COCO box metrics of ``model`` on ``dataset`` through pycocotools."""
+    results = predict(model, dataset, device, batch_size)
     return evaluate_detections(dataset.coco, results, image_ids=dataset.ids)
 
 
