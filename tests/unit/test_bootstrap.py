@@ -19,6 +19,7 @@ from detprune.evaluation.bootstrap import (
     per_image_eval,
     resample_indices,
     resampled_ap,
+    resampled_stats,
 )
 from detprune.evaluation.coco_eval import evaluate_detections
 
@@ -107,7 +108,9 @@ def test_resample_equals_cocoeval_on_really_duplicated_images() -> None:
     evaluator = per_image_eval(gt, dets, image_ids)
     indices = resample_indices(len(image_ids), 4, seed=3)
     aps = resampled_ap(evaluator, indices)
-    for row, ap in zip(indices, aps, strict=True):
+    stats = resampled_stats(evaluator, indices)
+    assert np.array_equal(stats[:, 0], aps)
+    for row, ap, ap50 in zip(indices, aps, stats[:, 1], strict=True):
         assert len(set(row.tolist())) < len(row)  # duplicates are what this test is about
         # rebuild the resample as a real data set: the k-th drawn image becomes image 1000+k
         new_anns, new_dets = [], []
@@ -117,6 +120,8 @@ def test_resample_equals_cocoeval_on_really_duplicated_images() -> None:
             new_dets += [{**d, "image_id": 1000 + k} for d in dets if d["image_id"] == old]
         dup_gt = coco_from([1000 + k for k in range(len(row))], new_anns)
         assert ap == pytest.approx(coco_ap(dup_gt, new_dets), abs=1e-9)
+        ap50_coco = evaluate_detections(dup_gt, new_dets)[0]["AP50"]
+        assert ap50 == pytest.approx(ap50_coco, abs=1e-9) and ap50 != pytest.approx(ap)
     assert len(set(np.round(aps, 12))) > 1  # the resamples really differ
 
 
@@ -222,11 +227,13 @@ def test_bootstrap_record_fields() -> None:
         "images",
         "image_ids_sha256",
         "AP",
+        "AP50",
         "AP_full",
     }
     assert rec["method"] == "paired percentile bootstrap over test images"
     assert (rec["resamples"], rec["seed"], rec["images"]) == (50, 2, 8)
-    assert len(rec["AP"]) == 50 and all(type(v) is float for v in rec["AP"])
+    assert len(rec["AP"]) == len(rec["AP50"]) == 50
+    assert all(type(v) is float for v in rec["AP"] + rec["AP50"])
     assert rec["AP_full"] == pytest.approx(coco_ap(gt, dets, ids), abs=1e-9)
     sha = hashlib.sha256(json.dumps(sorted(ids), separators=(",", ":")).encode()).hexdigest()
     assert rec["image_ids_sha256"] == sha

@@ -85,8 +85,21 @@ def _stats0(precision: np.ndarray) -> float:
     return float(np.mean(defined)) if defined.size else -1.0
 
 
+def _stats01(evaluator: COCOeval) -> tuple[float, float]:
+    """``stats[0]`` (AP) and ``stats[1]`` (AP50: IoU threshold 0.5 alone) as ``summarize()``
+    reads them from ``eval['precision']`` ``[T, R, K, A, M]``."""
+    precision = evaluator.eval["precision"]
+    t50 = np.where(np.isclose(evaluator.params.iouThrs, 0.5))[0]
+    return _stats0(precision), _stats0(precision[t50])
+
+
 def resampled_ap(evaluator: COCOeval, indices: np.ndarray) -> np.ndarray:
-    """AP (``stats[0]``) of each resample: ``indices`` ``[B, n]`` positions -> ``[B]``.
+    """AP (``stats[0]``) of each resample: ``indices`` ``[B, n]`` positions -> ``[B]``."""
+    return resampled_stats(evaluator, indices)[:, 0]
+
+
+def resampled_stats(evaluator: COCOeval, indices: np.ndarray) -> np.ndarray:
+    """AP and AP50 (``stats[0:2]``) of each resample: ``[B, n]`` positions -> ``[B, 2]``.
 
     Positions index ``evaluator.params.imgIds``. Per resample, a shallow copy of the
     evaluator gets ``evalImgs`` rebuilt in the resampled order and ``imgIds`` set to the
@@ -110,13 +123,13 @@ def resampled_ap(evaluator: COCOeval, indices: np.ndarray) -> np.ndarray:
     pe = work._paramsEval = copy.copy(evaluator._paramsEval)
     for p in (params, pe):
         p.areaRng, p.areaRngLbl, p.maxDets = [area_all], [AREA_ALL], [MAX_DETS]
-    out = np.empty(len(indices), dtype=float)
+    out = np.empty((len(indices), 2), dtype=float)
     for r, positions in enumerate(indices):
         work.evalImgs = per_cat[:, positions].ravel().tolist()
         params.imgIds = pe.imgIds = ids[positions].tolist()
         with contextlib.redirect_stdout(io.StringIO()):
             work.accumulate()
-        out[r] = _stats0(work.eval["precision"])
+        out[r] = _stats01(work)
     return out
 
 
@@ -141,23 +154,24 @@ def bootstrap_record(
 ) -> dict[str, Any]:
     """The ``"bootstrap"`` entry of a metrics record: per-resample AP and the full-set AP.
 
-    ``AP`` lists the AP of each of ``resamples`` resamples of the test images (drawn by
-    :func:`resample_indices` with ``seed``), ``AP_full`` the AP of the full set. A resample
-    holding no ground truth at all has AP -1, as ``COCOeval`` reports it.
+    ``AP`` (``AP50``) lists the AP (AP50) of each of ``resamples`` resamples of the test
+    images (drawn by :func:`resample_indices` with ``seed``), ``AP_full`` the AP of the full
+    set. A resample holding no ground truth at all has AP -1, as ``COCOeval`` reports it.
     """
     evaluator = per_image_eval(coco_gt, detections, image_ids)
     ids = list(evaluator._paramsEval.imgIds)
     ap_full = full_ap(evaluator)
     if ap_full < 0:
         raise ValueError("the test images hold no ground truth: AP is undefined")
-    aps = resampled_ap(evaluator, resample_indices(len(ids), resamples, seed))
+    stats = resampled_stats(evaluator, resample_indices(len(ids), resamples, seed))
     return {
         "method": METHOD,
         "resamples": int(resamples),
         "seed": int(seed),
         "images": len(ids),
         "image_ids_sha256": image_ids_sha256(ids),
-        "AP": [float(v) for v in aps],
+        "AP": [float(v) for v in stats[:, 0]],
+        "AP50": [float(v) for v in stats[:, 1]],
         "AP_full": ap_full,
     }
 
