@@ -7,6 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -16,6 +17,7 @@ from detprune.models import MODELS
 from detprune.pruning.methods import METHODS
 from detprune.report.paper_tables import build_paper_table, table_files
 from detprune.report.reported import load_reported
+from detprune.report.tables import to_markdown
 from tests.conftest import ROOT
 
 TABLES = E.table_names()
@@ -178,3 +180,33 @@ def test_a_missing_row_stays_empty(tmp_path):
     assert len(chex) == 1
     files = table_files({"results": str(tmp_path)}, spec, "mini", [0])
     assert not any("/chex/" in f for f in files)
+
+
+def test_a_paper_row_gets_the_paired_interval_of_its_change(tmp_path):
+    """Per seed the row and its own baseline are paired over the same test resamples:
+    a row that is exactly 3 points below its baseline on every resample has the interval
+    [-3, -3]; without bootstrap records the interval is empty."""
+    spec = E.load_table("lcp_ssd")
+    main = {"results": str(tmp_path)}
+    rng = np.random.default_rng(0)
+    base_vec = rng.uniform(0.25, 0.35, size=1000)
+    at = Path(E.experiment_dir(main, spec, "ssd", "mini", 0))
+    recs = {
+        "metrics/baseline/seed0.json": _record("ssd_narrow", "baseline", 1.0, 0, 0.30, 100.0),
+        "metrics/lcp/flops53/seed0.json": _record("ssd_narrow", "lcp", 0.53, 0, 0.27, 53.0),
+        "metrics/dcp/flops53/seed0.json": _record("ssd_narrow", "dcp", 0.53, 0, 0.1, 52.0),
+    }
+    boot = {"resamples": 1000, "seed": 0, "images": 500, "image_ids_sha256": "same"}
+    recs["metrics/baseline/seed0.json"]["bootstrap"] = {**boot, "AP": base_vec.tolist()}
+    lcp_vec = (base_vec - 0.03).tolist()
+    recs["metrics/lcp/flops53/seed0.json"]["bootstrap"] = {**boot, "AP": lcp_vec}
+    for rel, rec in recs.items():
+        (at / rel).parent.mkdir(parents=True, exist_ok=True)
+        (at / rel).write_text(json.dumps(rec))
+    df = build_paper_table(main, spec, "mini", [0], load_reported(E.REPORTED))
+    lcp = df[df["method"] == "LCP"].iloc[0]
+    assert lcp["Δrepro"] == pytest.approx(-3.0)
+    assert lcp["Δrepro lo"] == pytest.approx(-3.0) and lcp["Δrepro hi"] == pytest.approx(-3.0)
+    dcp = df[df["method"] == "DCP"].iloc[0]
+    assert math.isnan(dcp["Δrepro lo"]) and math.isnan(dcp["Δrepro hi"])
+    assert "-3.0 ± 0.0" in to_markdown(df)

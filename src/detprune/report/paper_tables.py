@@ -13,8 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from detprune.evaluation.bootstrap import delta_interval
 from detprune.experiments import TableSpec, experiment_dir
 from detprune.report.figures import _grid, _save, _styles
 from detprune.report.tables import load_records
@@ -36,6 +38,8 @@ COLUMNS = (
     "repro pruned",
     "repro std",
     "Δrepro",
+    "Δrepro lo",
+    "Δrepro hi",
     "Δrepro − Δpaper",
     "seeds",
     "note",
@@ -85,7 +89,7 @@ def build_paper_table(
         rep = reported.get(row.reported) if row.reported else None
         if row.reported and rep is None:
             raise ValueError(f"table {table.name}: reported id {row.reported!r} is not in the data")
-        base_vals, vals, deltas, kept, params = [], [], [], [], []
+        base_vals, vals, deltas, kept, params, paired = [], [], [], [], [], []
         for seed in seeds if not row.missing else ():
             at = _at(main, table, row.experiment, profile, seed)
             base = records[wpath("metrics_baseline", at, seed=seed)]
@@ -94,6 +98,7 @@ def build_paper_table(
             base_vals.append(b)
             vals.append(v)
             deltas.append(v - b)
+            paired.append(_paired_difference(rec, base, field))
             kept.append(100.0 * rec["cost"]["macs"] / base["cost"]["macs"])
             params.append(rec["cost"]["params"] / 1e6)
         paper_base = _num(getattr(rep, "baseline", None))
@@ -116,6 +121,7 @@ def build_paper_table(
                 "repro pruned": mean,
                 "repro std": std,
                 "Δrepro": d_repro,
+                **dict(zip(("Δrepro lo", "Δrepro hi"), _interval(paired), strict=True)),
                 "Δrepro − Δpaper": d_repro - d_paper,
                 "seeds": len(vals),
                 "note": note,
@@ -124,6 +130,26 @@ def build_paper_table(
     df = pd.DataFrame(lines, columns=list(COLUMNS))
     df["seeds"] = df["seeds"].astype("int64")
     return df
+
+
+def _paired_difference(
+    record: Mapping[str, Any], base: Mapping[str, Any], field: str
+) -> np.ndarray | None:
+    """Per bootstrap resample of the test images, the row's metric minus its baseline's
+    (same experiment and seed, so the same images): None without resampled ``field``."""
+    a, b = record.get("bootstrap", {}).get(field), base.get("bootstrap", {}).get(field)
+    if a is None or b is None:
+        return None
+    return np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+
+
+def _interval(paired: list[np.ndarray | None]) -> tuple[float, float]:
+    """The 95 % interval of Δrepro (percent points): the per-seed paired differences,
+    seeds and images resampled together; NaN when a seed has no bootstrap record."""
+    if not paired or any(d is None for d in paired):
+        return math.nan, math.nan
+    lo, hi = delta_interval(paired, [np.zeros_like(paired[0])])
+    return 100.0 * lo, 100.0 * hi
 
 
 def _num(value: Any) -> float:

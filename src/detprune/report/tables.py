@@ -90,7 +90,7 @@ _DECIMALS: dict[str, int] = {
     "GMACs": 3,
     "params (M)": 2,
     "seeds": 0,
-    **{f"{d} {end}": 2 for d in ("ΔmAP", "Δref") for end in ("lo", "hi")},
+    **{f"{d} {end}": 2 for d in ("ΔmAP", "Δref", "Δrepro") for end in ("lo", "hi")},
 }
 _MISSING_MD = "–"
 #: A row's group: (detector, method, flops_target).
@@ -356,14 +356,15 @@ def _is_numeric(df: pd.DataFrame, column: str) -> bool:
 def _spread(df: pd.DataFrame) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Per shown column, the ``±`` half-width of each row and the columns it replaces.
 
-    ``mAP``: the std over seeds (rows with several seeds); ``ΔmAP`` and ``Δref``: half the
-    width of their interval, ``(hi - lo) / 2``. NaN where a row has none.
+    ``mAP``: the std over seeds (rows with several seeds); ``ΔmAP``, ``Δref`` and a paper
+    table's ``Δrepro``: half the width of their interval, ``(hi - lo) / 2``. NaN where a
+    row has none.
     """
     spread: dict[str, tuple[np.ndarray, list[str]]] = {}
     if {"mAP", "mAP std", "seeds"} <= set(df.columns):
         std = df["mAP std"].to_numpy(dtype=float)
         spread["mAP"] = (np.where(df["seeds"].to_numpy() > 1, std, np.nan), ["mAP std"])
-    for delta in ("ΔmAP", "Δref"):
+    for delta in ("ΔmAP", "Δref", "Δrepro"):
         lo, hi = f"{delta} lo", f"{delta} hi"
         if {delta, lo, hi} <= set(df.columns):
             half = (df[hi].to_numpy(dtype=float) - df[lo].to_numpy(dtype=float)) / 2.0
