@@ -8,26 +8,33 @@ scored on the same image list sees the same resamples: differences between two m
 *paired* over images.
 
 No AP arithmetic happens here. COCOeval's per-image matching (``evaluate()``) runs once per
-detections file; each resample then rebuilds ``evalImgs`` in the resampled image order
-(duplicates included) and calls pycocotools' own ``COCOeval.accumulate()``; AP is read
-from ``eval['precision']`` exactly as ``COCOeval.summarize()`` computes ``stats[0]``.
+detections file; each resample then rebuilds the per-image results in the resampled image
+order (duplicates included) and calls COCOeval's own ``accumulate()``; AP is read from
+``eval['precision']`` exactly as ``COCOeval.summarize()`` computes ``stats[0]``.
+
+The COCOeval here is faster-coco-eval's (``COCOeval_faster``): the same per-image matching
+and accumulation as pycocotools, in C++. pycocotools' pure-Python ``accumulate()`` took
+44 ms a resample on the default detector's 18.5k test detections, 44 s of the 57 s an
+evaluation job took, and pushed the default run past its time budget; faster-coco-eval's
+takes 13 ms and gives identical values (``benchmarks/bootstrap_speed.md``; the tests check
+them against pycocotools' ``COCOeval`` to 1e-9). The headline metrics of a record stay
+pycocotools' (:func:`detprune.evaluation.coco_eval.evaluate_detections`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from faster_coco_eval import COCO as FastCOCO
+from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from detprune.evaluation.coco_eval import build_evaluator
+from detprune.evaluation.coco_eval import select_detections
 
 METHOD = "paired percentile bootstrap over test images"
 #: The area range and detection cap of COCO's headline AP (``stats[0]``).
@@ -35,17 +42,28 @@ AREA_ALL = "all"
 MAX_DETS = 100
 
 
+def _quiet(*_: Any) -> None:
+    """faster-coco-eval's ``print_function``: say nothing."""
+
+
 def per_image_eval(
     coco_gt: COCO, detections: list[dict[str, Any]], image_ids: Sequence[int] | None = None
-) -> COCOeval:
-    """A bbox ``COCOeval`` of ``detections`` on ``image_ids`` with ``evaluate()`` done.
+) -> COCOeval_faster:
+    """A bbox ``COCOeval_faster`` of ``detections`` on ``image_ids`` with ``evaluate()`` done.
 
-    Its ``params.imgIds`` (sorted, unique) is the image list the resample positions of
-    :func:`resample_indices` refer to.
+    ``coco_gt`` is pycocotools' ground truth (a dataset's); its dataset is copied into
+    faster-coco-eval's. The evaluator's ``_paramsEval.imgIds`` (sorted, unique) is the image
+    list the resample positions of :func:`resample_indices` refer to.
     """
-    evaluator = build_evaluator(coco_gt, detections, image_ids=image_ids)
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
+    wanted, dets = select_detections(coco_gt, detections, image_ids)
+    gt = FastCOCO(coco_gt.dataset, use_deepcopy=True, print_function=_quiet)
+    if dets:
+        dt = gt.loadRes(dets)
+    else:  # no detections: a result set with the images and no annotations
+        dt = FastCOCO({**gt.dataset, "annotations": []}, use_deepcopy=True, print_function=_quiet)
+    evaluator = COCOeval_faster(gt, dt, "bbox", separate_eval=True, print_function=_quiet)
+    evaluator.params.imgIds = wanted
+    evaluator.evaluate()
     return evaluator
 
 
@@ -61,20 +79,22 @@ def resample_indices(n_images: int, resamples: int, seed: int) -> np.ndarray:
     return rng.integers(0, n_images, size=(resamples, n_images))
 
 
-def _per_category_all(evaluator: COCOeval) -> tuple[np.ndarray, list[float]]:
-    """``evalImgs`` of area 'all' as a ``[K, N]`` object array, and that area range.
+def _per_category_all(evaluator: COCOeval_faster) -> tuple[np.ndarray, list[float]]:
+    """The per-image results of area 'all' as a ``[K, N]`` object array, and that area range.
 
-    ``evaluate()`` lays ``evalImgs`` out as ``[category][area][image]`` over
-    ``_paramsEval`` (catIds x areaRng x imgIds).
+    ``evaluate()`` lays its per-image results (``_evalImgs_cpp``) out as
+    ``[category][area][image]`` over ``_paramsEval`` (catIds x areaRng x imgIds), as
+    pycocotools lays out ``evalImgs``.
     """
     pe = evaluator._paramsEval
-    if not evaluator.evalImgs:
+    per_image = getattr(evaluator, "_evalImgs_cpp", None)
+    if not per_image:
         raise ValueError("the evaluator has no per-image results: run evaluate() first")
     if AREA_ALL not in pe.areaRngLbl or MAX_DETS not in pe.maxDets:
         raise ValueError(f"the evaluator lacks area {AREA_ALL!r} or maxDets {MAX_DETS}")
     n_cat, n_area, n_img = len(pe.catIds), len(pe.areaRng), len(pe.imgIds)
-    table = np.empty(len(evaluator.evalImgs), dtype=object)
-    table[:] = evaluator.evalImgs
+    table = np.empty(len(per_image), dtype=object)
+    table[:] = per_image
     a_all = pe.areaRngLbl.index(AREA_ALL)
     return table.reshape(n_cat, n_area, n_img)[:, a_all, :], list(pe.areaRng[a_all])
 
@@ -85,31 +105,30 @@ def _stats0(precision: np.ndarray) -> float:
     return float(np.mean(defined)) if defined.size else -1.0
 
 
-def _stats01(evaluator: COCOeval) -> tuple[float, float]:
+def _stats01(evaluator: COCOeval_faster) -> tuple[float, float]:
     """``stats[0]`` (AP) and ``stats[1]`` (AP50: IoU threshold 0.5 alone) as ``summarize()``
     reads them from ``eval['precision']`` ``[T, R, K, A, M]``."""
-    precision = evaluator.eval["precision"]
-    t50 = np.where(np.isclose(evaluator.params.iouThrs, 0.5))[0]
+    precision = np.asarray(evaluator.eval["precision"])
+    t50 = np.where(np.isclose(evaluator._paramsEval.iouThrs, 0.5))[0]
     return _stats0(precision), _stats0(precision[t50])
 
 
-def resampled_ap(evaluator: COCOeval, indices: np.ndarray) -> np.ndarray:
+def resampled_ap(evaluator: COCOeval_faster, indices: np.ndarray) -> np.ndarray:
     """AP (``stats[0]``) of each resample: ``indices`` ``[B, n]`` positions -> ``[B]``."""
     return resampled_stats(evaluator, indices)[:, 0]
 
 
-def resampled_stats(evaluator: COCOeval, indices: np.ndarray) -> np.ndarray:
+def resampled_stats(evaluator: COCOeval_faster, indices: np.ndarray) -> np.ndarray:
     """AP and AP50 (``stats[0:2]``) of each resample: ``[B, n]`` positions -> ``[B, 2]``.
 
-    Positions index ``evaluator.params.imgIds``. Per resample, a shallow copy of the
-    evaluator gets ``evalImgs`` rebuilt in the resampled order and ``imgIds`` set to the
-    resampled id list, in both ``params`` and ``_paramsEval``: ``accumulate()`` reads
-    ``evalImgs[Nk + Na + i]`` for position ``i`` of ``params.imgIds`` with
-    ``I0 = len(_paramsEval.imgIds)``, so a duplicated image counts twice, as if it were two
-    images. The copy is restricted to area 'all' and maxDets [100] (``areaRng``,
-    ``areaRngLbl``, ``maxDets``): ``accumulate()`` computes each (category, area, maxDets)
-    slice of ``precision`` independently of the others, and ``stats[0]`` reads only the
-    slice (area 'all', maxDets 100), so the restricted run yields that slice unchanged.
+    Positions index ``evaluator._paramsEval.imgIds``. Per resample, a shallow copy of the
+    evaluator gets its per-image results rebuilt in the resampled order and
+    ``_paramsEval.imgIds`` set to the resampled id list: ``accumulate()`` reads the result
+    of category ``k``, area ``a`` and position ``i`` at ``k*A*I + a*I + i`` with
+    ``I = len(imgIds)``, so a duplicated image counts twice, as if it were two images. The
+    copy is restricted to area 'all' and maxDets [100]: ``accumulate()`` computes each
+    (category, area, maxDets) slice of ``precision`` independently of the others, and
+    ``stats[0]`` reads only that slice, so the restricted run yields it unchanged.
     ``evaluate()`` already capped detections at ``maxDets[-1]`` per image and category.
     The evaluator itself is left untouched.
     """
@@ -119,21 +138,18 @@ def resampled_stats(evaluator: COCOeval, indices: np.ndarray) -> np.ndarray:
     if indices.size and (indices.min() < 0 or indices.max() >= len(ids)):
         raise ValueError(f"resample positions must lie in [0, {len(ids)})")
     work = copy.copy(evaluator)
-    params = work.params = copy.copy(evaluator.params)
     pe = work._paramsEval = copy.copy(evaluator._paramsEval)
-    for p in (params, pe):
-        p.areaRng, p.areaRngLbl, p.maxDets = [area_all], [AREA_ALL], [MAX_DETS]
+    pe.areaRng, pe.areaRngLbl, pe.maxDets = [area_all], [AREA_ALL], [MAX_DETS]
     out = np.empty((len(indices), 2), dtype=float)
     for r, positions in enumerate(indices):
-        work.evalImgs = per_cat[:, positions].ravel().tolist()
-        params.imgIds = pe.imgIds = ids[positions].tolist()
-        with contextlib.redirect_stdout(io.StringIO()):
-            work.accumulate()
+        work._evalImgs_cpp = per_cat[:, positions].ravel().tolist()
+        pe.imgIds = ids[positions].tolist()
+        work.accumulate()
         out[r] = _stats01(work)
     return out
 
 
-def full_ap(evaluator: COCOeval) -> float:
+def full_ap(evaluator: COCOeval_faster) -> float:
     """AP of the full image set (every image once): equals ``COCOeval``'s ``stats[0]``."""
     n = len(evaluator._paramsEval.imgIds)
     return float(resampled_ap(evaluator, np.arange(n)[None, :])[0])

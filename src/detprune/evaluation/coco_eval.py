@@ -110,6 +110,23 @@ def build_evaluator(
     dropped); ``params.imgIds`` is the sorted list of the images that count. Unknown image
     ids (asked for, or in a detection) raise ValueError. ``detections`` is not modified.
     """
+    wanted, dets = select_detections(coco_gt, detections, image_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluator.params.imgIds = wanted
+    return evaluator
+
+
+def select_detections(
+    coco_gt: Any, detections: list[dict[str, Any]], image_ids: Sequence[int] | None = None
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """The sorted image ids that count and copies of the detections on them.
+
+    ``image_ids`` None: every image of ``coco_gt``. Unknown image ids (asked for, or in a
+    detection) raise ValueError; an empty selection too. ``detections`` is not modified
+    (``loadRes`` annotates its input in place: it gets copies).
+    """
     known_ids = set(coco_gt.getImgIds())
     if image_ids is not None:
         wanted = sorted({int(i) for i in image_ids})
@@ -127,14 +144,7 @@ def build_evaluator(
     stray = sorted({int(d["image_id"]) for d in detections} - known_ids)
     if stray:
         raise ValueError(f"detections refer to image ids not in the ground truth: {stray[:10]}")
-
-    # loadRes annotates its input in place; hand it copies so the caller's list is untouched.
-    dets = [{**d, "bbox": list(d["bbox"])} for d in detections]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-    evaluator.params.imgIds = wanted
-    return evaluator
+    return wanted, [{**d, "bbox": list(d["bbox"])} for d in detections]
 
 
 def evaluate_detections(
