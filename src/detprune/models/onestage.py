@@ -258,7 +258,7 @@ _NARROW = {
 _NARROW_RETINA = {**_NARROW, "anchor_sizes": (16, 32, 64, 128, 256), "head_norm_groups": 4}
 # The papers' schedule for the R50 entries: mmdetection's 1x (SGD lr 0.01 at batch 16,
 # steps at epochs 8 and 11). The CPU entries train from scratch with the config's
-# schedule at an lr chosen on the default dataset (FCOS: the largest that stayed finite;
+# schedule at an lr chosen on the default dataset's val split (FCOS: the largest that stayed finite;
 # RetinaNet / FSAF: the best of 0.02-0.08 over 3 seeds, see below).
 _PAPER_SCHEDULE = {
     "epochs": 12,
