@@ -253,7 +253,8 @@ def _launch_workers(a: argparse.Namespace, argv: Sequence[str] | None) -> None:
         ) or finetune_schedule(cfg, a.method)
         nproc = distributed.auto_nproc(sched.get("device", "auto"))
     if nproc > 1:
-        sys.exit(distributed.launch(list(sys.argv[1:] if argv is None else argv), nproc))
+        args = list(sys.argv[1:] if argv is None else argv)
+        sys.exit(distributed.launch(args, nproc, entry="detprune.worker"))
 
 
 def _data_paths(p: argparse.ArgumentParser, split: str) -> None:

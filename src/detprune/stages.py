@@ -23,7 +23,8 @@ from detprune.pruning.core import PruneContext, macs_counter
 from detprune.pruning.methods import get_method
 from detprune.train import checkpoint
 from detprune.train.distill import DISTILLERS
-from detprune.train.engine import fit, make_loader, predict, resolve_device
+from detprune.train.distributed import resolve_device
+from detprune.train.engine import fit, make_loader, predict
 from detprune.train.sparsity import REGULARIZERS, SparsityContext
 from detprune.utils.io import write_json
 from detprune.utils.provenance import provenance
