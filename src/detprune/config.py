@@ -11,12 +11,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-#: Names of the from-scratch controls (Liu et al., ICLR 2019): ``scratch-<m>`` retrains
-#: method ``<m>``'s pruned architecture from a random initialisation. The registry
-#: (:mod:`detprune.pruning.methods`) names its ``scratch_of`` entries with this prefix, and
-#: :func:`finetune_schedule` recognises them by it, so this module needs neither the
-#: registry nor torch.
-SCRATCH_PREFIX = "scratch-"
+from detprune.pruning.base import SCRATCH_PREFIX
+from detprune.pruning.methods import get_method
 
 
 class ConfigError(ValueError):
@@ -91,6 +87,14 @@ def finetune_schedule(config: Mapping[str, Any], method: str) -> dict[str, Any]:
     sched = copy.deepcopy(dict(base))
     sched.update(config["finetune"].get("methods", {}).get(method, {}))
     return sched
+
+
+def distillation(config: Mapping[str, Any], method: str) -> str | None:
+    """The distillation ``method`` is fine-tuned with: its fine-tuning schedule's
+    ``distill`` (default merged with ``finetune.methods.<m>``), else the registry's
+    (``sad`` for gcp-sad, ``lcp`` for lcp), else None. The fine-tuning stage and the
+    workflow's choice of rule both ask this."""
+    return finetune_schedule(config, method).get("distill", get_method(method).distill)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

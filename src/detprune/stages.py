@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from detprune.config import finetune_schedule
+from detprune.config import distillation, finetune_schedule
 from detprune.data.classification import ImageFolderDataset, classification_transform
 from detprune.data.coco import CocoDetection
 from detprune.data.transforms import get_transform
@@ -19,8 +19,9 @@ from detprune.evaluation.classification import evaluate_classifier, summary_text
 from detprune.evaluation.coco_eval import evaluate_detections
 from detprune.evaluation.cost import count_macs, count_params, measure_latency
 from detprune.models import MODELS, build_model, model_kwargs
-from detprune.pruning.core import PruneContext, macs_counter
-from detprune.pruning.methods import get_method
+from detprune.pruning.base import PruneContext
+from detprune.pruning.methods import get_method, procedure_of
+from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.train import checkpoint
 from detprune.train.distill import DISTILLERS
 from detprune.train.distributed import resolve_device
@@ -29,7 +30,6 @@ from detprune.train.sparsity import REGULARIZERS, SparsityContext
 from detprune.utils.io import write_json
 from detprune.utils.provenance import provenance
 from detprune.utils.seed import seed_everything
-from detprune.workflow import distillation
 
 log = logging.getLogger("detprune")
 
@@ -236,7 +236,7 @@ def prune(
         schedule=dict(config["train"]),
         history=list(ckpt["pruning_history"]),
     )
-    result = meth.procedure(ctx, meth, flops)
+    result = procedure_of(meth)(ctx, meth, flops)
     result.model.cpu()
     history = list(ckpt["pruning_history"]) + list(result.history)
     meta = provenance(

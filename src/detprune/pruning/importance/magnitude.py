@@ -9,7 +9,7 @@ import torch
 import torch_pruning as tp
 
 if TYPE_CHECKING:
-    from detprune.pruning.core import PruneContext
+    from detprune.pruning.base import PruneContext
 
 
 def l1_importance(ctx: PruneContext | None = None) -> tp.importance.Importance:
