@@ -23,6 +23,7 @@ import yaml
 
 from detprune.config import ConfigError, load_config, validate
 from detprune.utils.io import write_text
+from detprune.workflow import path, pct
 
 TABLES_DIR = Path("config/tables")
 PROFILES_DIR = Path("config/profiles")
@@ -145,11 +146,6 @@ def load_table(name: str) -> TableSpec:
     )
 
 
-def pct(target: float) -> str:
-    """FLOPs share as used in paths: 0.5 -> '50', 0.651 -> '65.1'."""
-    return f"{round(target * 100, 4):g}"
-
-
 def parse_seeds(value: Any, default: Sequence[int]) -> tuple[int, ...]:
     """``--config seeds=N`` (seeds 0..N-1), a list, '0,1', or the table's default."""
     if value is None:
@@ -251,6 +247,34 @@ def experiment_dir(
 ) -> str:
     """The results folder of experiment ``key`` of ``table`` for ``seed``."""
     return results_dir(main["results"], profile, table.experiments[key][profile], seed)
+
+
+def baseline_metrics(
+    main: Mapping[str, Any], table: TableSpec, key: str, profile: str, seed: int
+) -> str:
+    """The metrics record of the baseline of experiment ``key`` of ``table`` for ``seed``."""
+    at = {"results": experiment_dir(main, table, key, profile, seed)}
+    return path("metrics_baseline", at, seed=seed)
+
+
+def row_metrics(
+    main: Mapping[str, Any], table: TableSpec, row: Row, profile: str, seed: int
+) -> str:
+    """The metrics record of ``row`` of ``table`` for ``seed``."""
+    at = {"results": experiment_dir(main, table, row.experiment, profile, seed)}
+    return path("metrics", at, method=row.method, pct=pct(row.flops), seed=seed)
+
+
+def table_files(
+    main: Mapping[str, Any], table: TableSpec, profile: str, seeds: Sequence[int]
+) -> list[str]:
+    """The metrics records ``table`` reads: each experiment's baseline and each row, per
+    seed (the table rule's inputs, and what the paper table is built from)."""
+    files: list[str] = []
+    for seed in seeds:
+        files += [baseline_metrics(main, table, key, profile, seed) for key in table.experiments]
+        files += [row_metrics(main, table, r, profile, seed) for r in table.rows if not r.missing]
+    return list(dict.fromkeys(files))
 
 
 def results_dir(root: str, profile: str, setup: Mapping[str, Any], seed: int) -> str:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from detprune import experiments as E
 from detprune import workflow as W
-from detprune.report import paper_tables as PT
 
 
 def _experiments():
@@ -158,7 +157,7 @@ def get_final_outputs():
 def get_table_metrics(wildcards):
     """The metrics records a paper table reads (every seed, every experiment)."""
     spec = TABLE_SPECS[wildcards.table]
-    return PT.table_files(config, spec, wildcards.profile, get_seeds(wildcards).split(","))
+    return E.table_files(config, spec, wildcards.profile, get_seeds(wildcards).split(","))
 
 
 def get_seeds(wildcards):

@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from detprune.utils.io import atomic_path  # noqa: E402
+from detprune.workflow import pct  # noqa: E402
 
 BASELINE = "baseline"
 DPI = 120
@@ -218,7 +219,7 @@ def plot_channels_per_layer(records: list[dict[str, Any]], path: Path, title: st
             y = np.array([shares.get(n, np.nan) for n in names], dtype=float)
             color, marker = styles[method]
             ax.plot(x, y, color=color, marker=marker, markersize=3, linewidth=1.0, label=method)
-        ax.set_title(f"FLOPs target {target * 100:g}%", fontsize="medium")
+        ax.set_title(f"FLOPs target {pct(target)}%", fontsize="medium")
         ax.set_ylabel("kept share")
         ax.set_ylim(0.0, 1.05)
         ax.grid(True, alpha=0.3)
