@@ -11,6 +11,13 @@ from pathlib import Path
 
 from detprune import experiments as E
 from detprune import workflow as W
+from detprune.config import check_names
+
+# What the schema cannot check (the Snakefile validated it): every method, regularizer,
+# distillation and model the config names exists, and their options are keys they
+# declare, of the declared types (prune.options.<m>, sparse.regularizers.<r>,
+# finetune.methods.<m>.distill_options, model.kwargs). No torch is imported.
+check_names(config, " + ".join(map(str, workflow.overwrite_configfiles or ["config/config.yaml"])))
 
 
 def _experiments():

@@ -10,7 +10,7 @@ every value of the wrong type. Nothing here imports torch (or the rest of detpru
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ _NAMES = {
     list: "a list",
     dict: "a mapping",
     type(None): "null",
+    object: "any value",
 }
 
 
@@ -30,7 +31,7 @@ _NAMES = {
 class Option:
     """One accepted key: its ``default`` and the ``types`` a value may have (default: the
     type of ``default``; ``float`` accepts integers too, ``list`` accepts tuples, and
-    ``None`` in ``types`` allows null). ``help`` says what it does."""
+    ``None`` in ``types`` allows null, ``object`` anything). ``help`` says what it does."""
 
     default: Any
     types: tuple[type | None, ...] = ()
@@ -42,6 +43,8 @@ class Option:
 
     def accepts(self, value: Any) -> bool:
         for t in self.accepted_types():
+            if t is object:
+                return True
             if t is bool or isinstance(value, bool):
                 if t is bool and isinstance(value, bool):
                     return True
@@ -68,26 +71,32 @@ def defaults(options: Options) -> dict[str, Any]:
     return {k: copy.deepcopy(o.default) for k, o in options.items()}
 
 
-def problems(where: str, given: Any, options: Options, owner: str) -> list[str]:
+#: (config field, what is wrong with it)
+Problem = tuple[str, str]
+
+
+def problems(where: str, given: Any, options: Options, owner: str) -> list[Problem]:
     """What is wrong with the options ``given`` at config field ``where`` for ``owner`` (a
-    method, regularizer, distillation or model, e.g. "method 'miep'"): one line per
-    unknown key (with the accepted keys) and per value of the wrong type."""
+    method, regularizer, distillation or model, e.g. "method 'miep'"): one problem per
+    unknown key (naming the accepted keys) and per value of the wrong type."""
     if not isinstance(given, Mapping):
-        return [f"{where}: options of {owner} must be a mapping, got {given!r}"]
+        return [(where, f"the options of {owner} must be a mapping, got {given!r}")]
     out = []
     accepted = ", ".join(sorted(options)) or "none"
     for key, value in given.items():
         option = options.get(key)
         if option is None:
-            out.append(f"{where}.{key}: unknown option of {owner}; accepted keys: {accepted}")
+            out.append((f"{where}.{key}", f"unknown option of {owner}; accepted keys: {accepted}"))
         elif not option.accepts(value):
             out.append(
-                f"{where}.{key}: {owner} expects {option.type_name()}, "
-                f"got {value!r} ({type(value).__name__})"
+                (
+                    f"{where}.{key}",
+                    f"{owner} expects {option.type_name()}, got {value!r} ({type(value).__name__})",
+                )
             )
     return out
 
 
-def unknown_name(where: str, name: str, known: Sequence[str], what: str) -> str:
-    """The line for an unknown ``name`` at ``where`` (a method, regularizer, model, ...)."""
-    return f"{where}: unknown {what} {name!r}; known: {', '.join(sorted(known))}"
+def unknown_name(where: str, name: str, known: Iterable[str], what: str) -> Problem:
+    """The problem of an unknown ``name`` (a method, regularizer, model, ...) at ``where``."""
+    return (where, f"unknown {what} {name!r}; known: {', '.join(sorted(known))}")
