@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from detprune.config import ConfigError, load_config, validate
+from detprune.config import ConfigError, load_config, model_catalog, validate
 from detprune.utils.io import write_text
 from detprune.workflow import path, pct
 
@@ -87,7 +87,6 @@ def table_names() -> list[str]:
 
 def load_table(name: str) -> TableSpec:
     """Read and validate ``config/tables/<name>.yaml`` (schema, experiments, registries)."""
-    from detprune.models import MODELS
     from detprune.pruning.methods import METHODS
 
     path = TABLES_DIR / f"{name}.yaml"
@@ -109,7 +108,7 @@ def load_table(name: str) -> TableSpec:
     for key, exp in spec["experiments"].items():
         for profile in PROFILES:
             model = exp[profile]["model"]
-            if model not in MODELS:
+            if model not in model_catalog():
                 raise ConfigError(
                     f"{path}: field 'experiments.{key}.{profile}.model': unknown model {model!r}"
                 )
@@ -189,9 +188,8 @@ def experiment_config(
     roots: Mapping[str, str],
 ) -> dict[str, Any]:
     """The config of one experiment: the profile's, with its model, dataset and seed."""
-    from detprune.models import MODELS
-
-    task = MODELS[setup["model"]].task
+    entry = model_catalog()[setup["model"]]
+    task = entry["task"]
     exp = profile_cfg.get("experiment", {})
     dataset = dataset_of(setup)
     if dataset.startswith("synth"):
@@ -209,7 +207,7 @@ def experiment_config(
     cfg.pop("baseline_per_seed", None)
     cfg["model"] = {**cfg["model"], "name": setup["model"]}
     keys = exp.get("model_schedule_keys", [])
-    schedule = MODELS[setup["model"]].schedule
+    schedule = entry["schedule"]
     cfg["train"].update({k: copy.deepcopy(v) for k, v in schedule.items() if k in keys})
     if exp.get("full_schedules"):
         cfg["sparse"]["schedule"] = {**cfg["train"], "max_iters_per_epoch": None}
@@ -284,11 +282,9 @@ def results_dir(root: str, profile: str, setup: Mapping[str, Any], seed: int) ->
 
 def dataset_of(setup: Mapping[str, Any]) -> str:
     """The dataset of an experiment setup; by default the embedded one of the model's task."""
-    from detprune.models import MODELS
-
     if "dataset" in setup:
         return setup["dataset"]
-    return "synth_cls" if MODELS[setup["model"]].task == "classification" else "synth"
+    return "synth_cls" if model_catalog()[setup["model"]]["task"] == "classification" else "synth"
 
 
 def write_config(exp: Experiment) -> None:
