@@ -196,7 +196,7 @@ DCP_METHODS: dict[str, Method] = {
 def _gcp(description: str, **fields: Any) -> Method:
     return Method(
         description,
-        "detprune.pruning.importance.gcp:gcp_importance",
+        "detprune.pruning.importance.magnitude:gcp_importance",
         procedure="detprune.pruning.procedures.gcp:gcp_prune",
         sparsity="bn_l1_dynamic",
         family="gcp",

@@ -24,7 +24,7 @@ from torch import nn
 
 from detprune.pruning.base import PruneResult
 from detprune.pruning.importance.fisher import channel_groups, slots
-from detprune.pruning.importance.gcp import GammaImportance
+from detprune.pruning.importance.magnitude import GammaImportance
 from detprune.pruning.procedures.oneshot import make_report
 from detprune.pruning.procedures.options import GCP
 from detprune.utils.options import defaults
