@@ -18,7 +18,7 @@ import pandas as pd
 
 from detprune.evaluation.bootstrap import delta_interval
 from detprune.experiments import TableSpec, baseline_metrics, row_metrics, table_files
-from detprune.report.figures import _grid, _save, _styles
+from detprune.report.figures import grid, method_styles, save_figure
 from detprune.report.tables import load_records
 
 #: The table's metric -> the key of the metrics record (a fraction, shown in percent).
@@ -146,8 +146,8 @@ def plot_paper_table(df: pd.DataFrame, path: Path, title: str, metric: str) -> P
     and the paper's figure at the FLOPs target (hollow), one subplot per detector."""
     shown = df[df["note"].str.startswith("missing") == False]  # noqa: E712
     detectors = list(dict.fromkeys(df["detector"])) or ["-"]
-    styles = _styles(list(df["method"].unique()))
-    fig, axes = _grid(len(detectors), 5.5, 4.0)
+    styles = method_styles(list(df["method"].unique()))
+    fig, axes = grid(len(detectors), 5.5, 4.0)
     for ax, det in zip(axes, detectors, strict=True):
         sub = shown[shown["detector"] == det]
         for method in dict.fromkeys(sub["method"]):
@@ -191,4 +191,4 @@ def plot_paper_table(df: pd.DataFrame, path: Path, title: str, metric: str) -> P
         ax.legend(fontsize="x-small")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
