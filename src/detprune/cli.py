@@ -41,43 +41,17 @@ def _config(path: str, seed: int | None = None) -> dict:
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:
-    data = _config(a.config)["data"]
-    if data["source"] == "synth_cls":  # ImageFolder trees <out-dir>/{train,val}/<class>/
-        from detprune.data.classification import write_synthetic_classification
+    from detprune import stages
 
-        summary = write_synthetic_classification(Path(a.out_dir), **data["synth_cls"])
-        log.info("synthetic classification set in %s: %s", a.out_dir, summary)
-        return
-    from detprune.data.synth import write_synthetic
-
-    cfg = data["synth"]
-    summary = write_synthetic(Path(a.out_dir), **cfg)
+    summary = stages.synth_data(_config(a.config), a.out_dir)
     log.info("synthetic dataset in %s: %s", a.out_dir, summary)
 
 
 def cmd_data_check(a: argparse.Namespace) -> None:
-    from detprune.data.coco import check_coco
-    from detprune.utils.io import write_json
-    from detprune.utils.provenance import provenance
+    from detprune import stages
 
-    if Path(a.ann).is_dir():  # a classification split: --ann and --images are its root
-        from detprune.data.classification import check_imagefolder
-        from detprune.data.coco import DatasetError
-
-        if Path(a.images).resolve() != Path(a.ann).resolve():
-            raise DatasetError(
-                f"{a.ann}: an ImageFolder split is given as both --ann and --images "
-                f"(got --images {a.images})"
-            )
-        summary = check_imagefolder(a.ann)
-    else:
-        summary = check_coco(a.ann, a.images)
+    summary = stages.check_data(a.ann, a.images, a.out)
     log.info("%s: OK %s", a.ann, summary)
-    if a.out:
-        write_json(
-            a.out,
-            {"ann": a.ann, "images": a.images, "summary": summary, "provenance": provenance()},
-        )
 
 
 def cmd_data_voc2coco(a: argparse.Namespace) -> None:
@@ -158,7 +132,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from detprune.report import stages
+    from detprune import stages
 
     for p in stages.report(
         _config(a.config), a.metrics, a.prune_summaries, a.tables_dir, a.figures_dir
@@ -167,7 +141,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_table(a: argparse.Namespace) -> None:
-    from detprune.report import stages
+    from detprune import stages
 
     for p in stages.paper_table(
         a.table, a.profile, a.results, a.seeds, a.reported, a.tables_dir, a.figures_dir
@@ -253,7 +227,8 @@ def _launch_workers(a: argparse.Namespace, argv: Sequence[str] | None) -> None:
         ) or finetune_schedule(cfg, a.method)
         nproc = distributed.auto_nproc(sched.get("device", "auto"))
     if nproc > 1:
-        sys.exit(distributed.launch(list(sys.argv[1:] if argv is None else argv), nproc))
+        args = list(sys.argv[1:] if argv is None else argv)
+        sys.exit(distributed.launch(args, nproc, entry="detprune.worker"))
 
 
 def _data_paths(p: argparse.ArgumentParser, split: str) -> None:

@@ -1,8 +1,12 @@
-"""Load and validate the pipeline config (the same JSON schema Snakemake validates)."""
+"""Load and validate the pipeline config: the JSON schema Snakemake validates too, then
+the checks a schema cannot make (:func:`check_names`): that every method, regularizer,
+distillation and model it names exists, and that their options are keys they declare,
+of the declared types. Both run without torch, in the CLI and in ``snakemake -n``."""
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -11,12 +15,25 @@ from typing import Any
 import jsonschema
 import yaml
 
-#: Names of the from-scratch controls (Liu et al., ICLR 2019): ``scratch-<m>`` retrains
-#: method ``<m>``'s pruned architecture from a random initialisation. The registry
-#: (:mod:`detprune.pruning.methods`) names its ``scratch_of`` entries with this prefix, and
-#: :func:`finetune_schedule` recognises them by it, so this module needs neither the
-#: registry nor torch.
-SCRATCH_PREFIX = "scratch-"
+from detprune.pruning.base import SCRATCH_PREFIX
+from detprune.pruning.methods import METHODS, get_method, options_of
+from detprune.pruning.procedures.options import LCP_LOSS
+from detprune.train.options import REGULARIZER_OPTIONS, SAD_OPTIONS
+from detprune.utils.options import Option, Problem, problems, unknown_name
+
+#: ``finetune.*.distill`` -> the options its ``distill_options`` accepts (the losses are
+#: :data:`detprune.train.distill.DISTILLERS`).
+DISTILL_OPTIONS: dict[str, Mapping[str, Option]] = {"sad": SAD_OPTIONS, "lcp": LCP_LOSS}
+#: type names of the model catalog (``detprune/schemas/models.yaml``)
+_CATALOG_TYPES = {
+    "boolean": bool,
+    "integer": int,
+    "number": float,
+    "string": str,
+    "list": list,
+    "mapping": dict,
+    "any": object,
+}
 
 
 class ConfigError(ValueError):
@@ -30,7 +47,8 @@ def schema() -> dict[str, Any]:
 
 
 def validate(config: Mapping[str, Any], source: str = "<config>") -> None:
-    """Raise :class:`ConfigError` naming ``source``, each bad field and its problem."""
+    """Raise :class:`ConfigError` naming ``source``, each bad field and its problem: the
+    schema's, then (on a config the schema accepts) :func:`check_names`'."""
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -39,6 +57,102 @@ def validate(config: Mapping[str, Any], source: str = "<config>") -> None:
             field = ".".join(str(p) for p in err.absolute_path) or "<top level>"
             lines.append(f"{source}: field '{field}': {err.message}")
         raise ConfigError("\n".join(lines))
+    check_names(config, source)
+
+
+def check_names(config: Mapping[str, Any], source: str = "<config>") -> None:
+    """Raise :class:`ConfigError` for every unknown method, regularizer, distillation or
+    model the (schema-valid) config names, and every option its owner does not declare
+    or whose value has another type, naming the field, the owner and the accepted keys."""
+    found = name_problems(config)
+    if found:
+        raise ConfigError("\n".join(f"{source}: field '{f}': {msg}" for f, msg in found))
+
+
+def name_problems(config: Mapping[str, Any]) -> list[Problem]:
+    """What :func:`check_names` reports, as (field, problem) pairs."""
+    out: list[Problem] = []
+    prune = config["prune"]
+    for i, name in enumerate(prune["methods"]):
+        if name not in METHODS:
+            out.append(unknown_name(f"prune.methods.{i}", name, METHODS, "method"))
+    for name, given in (prune.get("options") or {}).items():
+        where = f"prune.options.{name}"
+        if name not in METHODS:
+            out.append(unknown_name(where, name, METHODS, "method"))
+        else:
+            out += problems(where, given, options_of(METHODS[name]), f"method {name!r}")
+    for name, given in config["sparse"]["regularizers"].items():
+        where = f"sparse.regularizers.{name}"
+        if name not in REGULARIZER_OPTIONS:
+            out.append(unknown_name(where, name, REGULARIZER_OPTIONS, "regularizer"))
+        else:
+            out += problems(where, given, REGULARIZER_OPTIONS[name], f"regularizer {name!r}")
+    out += _finetune_problems(config)
+    out += _model_problems(config["model"])
+    return out
+
+
+def _finetune_problems(config: Mapping[str, Any]) -> list[Problem]:
+    """Unknown methods in ``finetune.methods``, unknown ``distill`` names, and the
+    ``distill_options`` each configured method trains with, against its distillation's
+    declaration (options in ``finetune.methods.<m>`` for a method trained without
+    distillation are an error; the default's apply only to the methods that distil)."""
+    ft = config["finetune"]
+    overrides = ft.get("methods") or {}
+    out: list[Problem] = []
+    for where, sched in [("finetune.default", ft["default"])] + [
+        (f"finetune.methods.{m}", s) for m, s in overrides.items()
+    ]:
+        name = sched.get("distill")
+        if name is not None and name not in DISTILL_OPTIONS:
+            out.append(unknown_name(f"{where}.distill", name, DISTILL_OPTIONS, "distillation"))
+    out += [
+        unknown_name(f"finetune.methods.{m}", m, METHODS, "method")
+        for m in overrides
+        if m not in METHODS
+    ]
+    if out:
+        return out
+    for m in dict.fromkeys([*config["prune"]["methods"], *overrides]):
+        if m not in METHODS or "distill_options" not in finetune_schedule(config, m):
+            continue
+        own = "distill_options" in overrides.get(m, {})
+        where = f"finetune.{'methods.' + m if own else 'default'}.distill_options"
+        distill = distillation(config, m)
+        if distill is None:
+            if own:
+                out.append((where, f"set, but method {m!r} is fine-tuned without distillation"))
+            continue
+        given = finetune_schedule(config, m)["distill_options"]
+        out += problems(where, given, DISTILL_OPTIONS[distill], f"distillation {distill!r}")
+    return list(dict.fromkeys(out))
+
+
+@functools.cache
+def model_catalog() -> dict[str, Any]:
+    """The model registry's names, tasks and keyword arguments, without torch
+    (``detprune/schemas/models.yaml``, generated by :mod:`detprune.models.catalog`)."""
+    text = resources.files("detprune").joinpath("schemas/models.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def model_options(name: str) -> dict[str, Option]:
+    """The keys ``model.kwargs`` accepts for registry model ``name``, with their types."""
+    kwargs = model_catalog()[name]["kwargs"]
+    return {
+        k: Option(None, tuple(_CATALOG_TYPES[t] for t in types.split("|")))
+        for k, types in kwargs.items()
+    }
+
+
+def _model_problems(model: Mapping[str, Any]) -> list[Problem]:
+    name = model["name"]
+    if name not in model_catalog():
+        return [unknown_name("model.name", name, model_catalog(), "model")]
+    return problems(
+        "model.kwargs", model.get("kwargs") or {}, model_options(name), f"model {name!r}"
+    )
 
 
 def _read(p: Path) -> dict[str, Any]:
@@ -91,6 +205,14 @@ def finetune_schedule(config: Mapping[str, Any], method: str) -> dict[str, Any]:
     sched = copy.deepcopy(dict(base))
     sched.update(config["finetune"].get("methods", {}).get(method, {}))
     return sched
+
+
+def distillation(config: Mapping[str, Any], method: str) -> str | None:
+    """The distillation ``method`` is fine-tuned with: its fine-tuning schedule's
+    ``distill`` (default merged with ``finetune.methods.<m>``), else the registry's
+    (``sad`` for gcp-sad, ``lcp`` for lcp), else None. The fine-tuning stage and the
+    workflow's choice of rule both ask this."""
+    return finetune_schedule(config, method).get("distill", get_method(method).distill)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from detprune.config import ConfigError, load_config, validate
+from detprune.config import ConfigError, load_config, model_catalog, validate
 from detprune.utils.io import write_text
+from detprune.workflow import path, pct
 
 TABLES_DIR = Path("config/tables")
 PROFILES_DIR = Path("config/profiles")
@@ -86,7 +87,6 @@ def table_names() -> list[str]:
 
 def load_table(name: str) -> TableSpec:
     """Read and validate ``config/tables/<name>.yaml`` (schema, experiments, registries)."""
-    from detprune.models import MODELS
     from detprune.pruning.methods import METHODS
 
     path = TABLES_DIR / f"{name}.yaml"
@@ -108,7 +108,7 @@ def load_table(name: str) -> TableSpec:
     for key, exp in spec["experiments"].items():
         for profile in PROFILES:
             model = exp[profile]["model"]
-            if model not in MODELS:
+            if model not in model_catalog():
                 raise ConfigError(
                     f"{path}: field 'experiments.{key}.{profile}.model': unknown model {model!r}"
                 )
@@ -143,11 +143,6 @@ def load_table(name: str) -> TableSpec:
         spec["experiments"],
         tuple(rows),
     )
-
-
-def pct(target: float) -> str:
-    """FLOPs share as used in paths: 0.5 -> '50', 0.651 -> '65.1'."""
-    return f"{round(target * 100, 4):g}"
 
 
 def parse_seeds(value: Any, default: Sequence[int]) -> tuple[int, ...]:
@@ -193,9 +188,8 @@ def experiment_config(
     roots: Mapping[str, str],
 ) -> dict[str, Any]:
     """The config of one experiment: the profile's, with its model, dataset and seed."""
-    from detprune.models import MODELS
-
-    task = MODELS[setup["model"]].task
+    entry = model_catalog()[setup["model"]]
+    task = entry["task"]
     exp = profile_cfg.get("experiment", {})
     dataset = dataset_of(setup)
     if dataset.startswith("synth"):
@@ -213,7 +207,7 @@ def experiment_config(
     cfg.pop("baseline_per_seed", None)
     cfg["model"] = {**cfg["model"], "name": setup["model"]}
     keys = exp.get("model_schedule_keys", [])
-    schedule = MODELS[setup["model"]].schedule
+    schedule = entry["schedule"]
     cfg["train"].update({k: copy.deepcopy(v) for k, v in schedule.items() if k in keys})
     if exp.get("full_schedules"):
         cfg["sparse"]["schedule"] = {**cfg["train"], "max_iters_per_epoch": None}
@@ -253,6 +247,34 @@ def experiment_dir(
     return results_dir(main["results"], profile, table.experiments[key][profile], seed)
 
 
+def baseline_metrics(
+    main: Mapping[str, Any], table: TableSpec, key: str, profile: str, seed: int
+) -> str:
+    """The metrics record of the baseline of experiment ``key`` of ``table`` for ``seed``."""
+    at = {"results": experiment_dir(main, table, key, profile, seed)}
+    return path("metrics_baseline", at, seed=seed)
+
+
+def row_metrics(
+    main: Mapping[str, Any], table: TableSpec, row: Row, profile: str, seed: int
+) -> str:
+    """The metrics record of ``row`` of ``table`` for ``seed``."""
+    at = {"results": experiment_dir(main, table, row.experiment, profile, seed)}
+    return path("metrics", at, method=row.method, pct=pct(row.flops), seed=seed)
+
+
+def table_files(
+    main: Mapping[str, Any], table: TableSpec, profile: str, seeds: Sequence[int]
+) -> list[str]:
+    """The metrics records ``table`` reads: each experiment's baseline and each row, per
+    seed (the table rule's inputs, and what the paper table is built from)."""
+    files: list[str] = []
+    for seed in seeds:
+        files += [baseline_metrics(main, table, key, profile, seed) for key in table.experiments]
+        files += [row_metrics(main, table, r, profile, seed) for r in table.rows if not r.missing]
+    return list(dict.fromkeys(files))
+
+
 def results_dir(root: str, profile: str, setup: Mapping[str, Any], seed: int) -> str:
     """``<root>/experiments/<profile>/<dataset>/<model>/seed<k>``."""
     return f"{root}/experiments/{profile}/{dataset_of(setup)}/{setup['model']}/seed{seed}"
@@ -260,11 +282,9 @@ def results_dir(root: str, profile: str, setup: Mapping[str, Any], seed: int) ->
 
 def dataset_of(setup: Mapping[str, Any]) -> str:
     """The dataset of an experiment setup; by default the embedded one of the model's task."""
-    from detprune.models import MODELS
-
     if "dataset" in setup:
         return setup["dataset"]
-    return "synth_cls" if MODELS[setup["model"]].task == "classification" else "synth"
+    return "synth_cls" if model_catalog()[setup["model"]]["task"] == "classification" else "synth"
 
 
 def write_config(exp: Experiment) -> None:

@@ -1,4 +1,6 @@
-"""One function per pipeline stage; the CLI parses arguments and calls these."""
+"""One function per pipeline stage: data (synthetic set, checks), train, sparse, prune,
+finetune, evaluate, report and the paper tables. The CLI parses arguments and calls these;
+a stage reads the config it is given, never the workflow plan."""
 
 from __future__ import annotations
 
@@ -10,25 +12,30 @@ from typing import Any
 
 import torch
 
-from detprune.config import finetune_schedule
-from detprune.data.classification import ImageFolderDataset, classification_transform
-from detprune.data.coco import CocoDetection
+from detprune.config import distillation, finetune_schedule
+from detprune.data.classification import (
+    ImageFolderDataset,
+    check_imagefolder,
+    classification_transform,
+)
+from detprune.data.coco import CocoDetection, DatasetError, check_coco
 from detprune.data.transforms import get_transform
 from detprune.evaluation.bootstrap import bootstrap_record
 from detprune.evaluation.classification import evaluate_classifier, summary_text
 from detprune.evaluation.coco_eval import evaluate_detections
 from detprune.evaluation.cost import count_macs, count_params, measure_latency
 from detprune.models import MODELS, build_model, model_kwargs
-from detprune.pruning.core import PruneContext, macs_counter
-from detprune.pruning.methods import get_method
+from detprune.pruning.base import PruneContext
+from detprune.pruning.methods import get_method, procedure_of
+from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.train import checkpoint
 from detprune.train.distill import DISTILLERS
-from detprune.train.engine import fit, make_loader, predict, resolve_device
+from detprune.train.distributed import resolve_device
+from detprune.train.engine import fit, make_loader, predict
 from detprune.train.sparsity import REGULARIZERS, SparsityContext
 from detprune.utils.io import write_json
 from detprune.utils.provenance import provenance
 from detprune.utils.seed import seed_everything
-from detprune.workflow import distillation
 
 log = logging.getLogger("detprune")
 
@@ -91,6 +98,38 @@ def _rois(spec: dict[str, Any]) -> int:
 
 def _image_size(spec: dict[str, Any]) -> int:
     return int(spec["kwargs"].get("image_size", MODELS[spec["name"]].image_size))
+
+
+def synth_data(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """Write the embedded synthetic dataset of ``data.source`` (deterministic): COCO, or
+    ImageFolder trees ``<out_dir>/{train,val,test}/<class>/`` for ``synth_cls``."""
+    data = config["data"]
+    if data["source"] == "synth_cls":
+        from detprune.data.classification import write_synthetic_classification
+
+        return write_synthetic_classification(Path(out_dir), **data["synth_cls"])
+    from detprune.data.synth import write_synthetic
+
+    return write_synthetic(Path(out_dir), **data["synth"])
+
+
+def check_data(ann: str, images: str, out: str | None) -> dict[str, Any]:
+    """Validate a COCO JSON and its images, or an ImageFolder split (``ann`` a folder,
+    given as both ``ann`` and ``images``); write the summary to ``out`` when it passes."""
+    if Path(ann).is_dir():  # a classification split: --ann and --images are its root
+        if Path(images).resolve() != Path(ann).resolve():
+            raise DatasetError(
+                f"{ann}: an ImageFolder split is given as both --ann and --images "
+                f"(got --images {images})"
+            )
+        summary = check_imagefolder(ann)
+    else:
+        summary = check_coco(ann, images)
+    if out:
+        write_json(
+            out, {"ann": ann, "images": images, "summary": summary, "provenance": provenance()}
+        )
+    return summary
 
 
 def train(config: dict[str, Any], train_ann: str, train_images: str, out: str) -> dict[str, Any]:
@@ -235,7 +274,7 @@ def prune(
         schedule=dict(config["train"]),
         history=list(ckpt["pruning_history"]),
     )
-    result = meth.procedure(ctx, meth, flops)
+    result = procedure_of(meth)(ctx, meth, flops)
     result.model.cpu()
     history = list(ckpt["pruning_history"]) + list(result.history)
     meta = provenance(
@@ -413,3 +452,124 @@ def set_threads(threads: int | None) -> None:
     """Limit torch's intra-op threads (Snakemake's ``threads``)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def report(
+    config: dict[str, Any],
+    metrics: list[str],
+    summaries: list[str],
+    tables_dir: str,
+    figures_dir: str,
+) -> list[Path]:
+    """Paper-style tables, a compact metrics summary, and the figures."""
+    from detprune.report.figures import plot_channels_per_layer, plot_map_vs_flops
+    from detprune.report.tables import build_table, load_records, write_table
+
+    name = config["report"]["name"]
+    records = load_records([Path(p) for p in metrics])
+    rcfg = config["report"]
+    boot = config["evaluate"].get("bootstrap", {})
+    df = build_table(
+        records,
+        reference=rcfg.get("reference", "l1"),
+        level=rcfg.get("level", 0.95),
+        seed=boot.get("seed", 0),
+    )
+    paths = write_table(df, Path(tables_dir) / name)
+    write_json(Path(tables_dir) / f"{name}_summary.json", metrics_summary(df))
+    paths.append(
+        plot_map_vs_flops(
+            df,
+            Path(figures_dir) / f"{name}_map_vs_flops.png",
+            title=f"{name}: mAP vs FLOPs kept (test split)",
+        )
+    )
+    layer_records: dict[tuple[str, float], dict[str, Any]] = {}
+    for p in summaries:  # one seed's widths per row: the first given
+        rec = json.loads(Path(p).read_text())
+        layer_records.setdefault(
+            (rec["method"], rec["flops_target"]),
+            {"method": rec["method"], "flops_target": rec["flops_target"], "layers": rec["layers"]},
+        )
+    paths.append(
+        plot_channels_per_layer(
+            list(layer_records.values()),
+            Path(figures_dir) / f"{name}_channels_per_layer.png",
+            title=f"{name}: channels kept per layer",
+        )
+    )
+    return paths
+
+
+#: Table columns the DVC metrics summary carries, per row.
+SUMMARY_COLUMNS = (
+    "mAP",
+    "mAP std",
+    "seeds",
+    "AP50",
+    "AP75",
+    "ΔmAP",
+    "ΔmAP lo",
+    "ΔmAP hi",
+    "Δref",
+    "Δref lo",
+    "Δref hi",
+    "mark",
+    "flops_kept (%)",
+    "GMACs",
+    "params (M)",
+)
+
+
+def metrics_summary(df: Any) -> dict[str, Any]:
+    """The DVC metrics file: every row of the table (test split, mean over seeds),
+    keyed ``<method>@<flops target>``; missing values left out."""
+    rows: dict[str, Any] = {}
+    for rec in df.to_dict("records"):
+        key = f"{rec['method']}@{rec['flops_target (%)'] / 100:g}"
+        if df["detector"].nunique() > 1:
+            key = f"{rec['detector']}/{key}"
+        rows[key] = {
+            c: rec[c]
+            for c in SUMMARY_COLUMNS
+            if c in rec and isinstance(rec[c], (int, float, str)) and rec[c] == rec[c]
+        }
+    return {"split": "test", "rows": rows}
+
+
+def paper_table(
+    table: str,
+    profile: str,
+    results: str,
+    seeds: str | None,
+    reported: str,
+    tables_dir: str,
+    figures_dir: str,
+) -> list[Path]:
+    """A paper table (config/tables/<table>.yaml) from a table run's metrics records."""
+    from detprune.experiments import load_table, parse_seeds
+    from detprune.report.paper_tables import build_paper_table, plot_paper_table
+    from detprune.report.reported import load_reported
+    from detprune.report.tables import write_table
+
+    spec = load_table(table)
+    seed_list = parse_seeds(seeds, spec.seeds)
+    df = build_paper_table(
+        {"results": results}, spec, profile, seed_list, load_reported(Path(reported))
+    )
+    stem = Path(tables_dir) / table
+    paths = write_table(df, stem)
+    meta = provenance(
+        None,
+        table=table,
+        title=spec.title,
+        profile=profile,
+        seeds=list(seed_list),
+        reported=reported,
+        caption=spec.caption,
+    )
+    write_json(stem.with_suffix(".json"), meta)
+    figure = Path(figures_dir) / f"{table}_vs_flops.png"
+    metric = spec.metric
+    paths.append(plot_paper_table(df, figure, f"{table} ({profile}): {spec.title}", metric))
+    return paths

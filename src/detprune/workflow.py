@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from detprune.config import SCRATCH_PREFIX
+from detprune.config import distillation
+from detprune.pruning.base import scratch_source
+from detprune.pruning.methods import sparsity_of
 
 PATHS = {
     "synth": "{results}/data/synth",
@@ -231,11 +233,6 @@ def baseline_seeds(config: Mapping[str, Any]) -> list[int]:
     return list(dict.fromkeys(baseline_seed(config, s) for s in seeds_of(config)))
 
 
-def scratch_source(method: str) -> str | None:
-    """The method whose architecture ``scratch-<m>`` retrains from scratch, else None."""
-    return method[len(SCRATCH_PREFIX) :] if method.startswith(SCRATCH_PREFIX) else None
-
-
 def planned_methods(config: Mapping[str, Any]) -> list[str]:
     """``prune.methods`` in config order, each ``scratch-<m>`` preceded by its source
     ``<m>`` when the list lacks it (its architecture, and the row it is compared with)."""
@@ -251,23 +248,6 @@ def planned_methods(config: Mapping[str, Any]) -> list[str]:
 def pruned_targets(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(method, pct) pairs in config order."""
     return [(m, pct(t)) for m in planned_methods(config) for t in config["prune"]["flops_targets"]]
-
-
-def sparsity_of(method: str) -> str | None:
-    """The sparse-training regularizer ``method`` prunes after, if any."""
-    from detprune.pruning.methods import get_method
-
-    return get_method(method).sparsity
-
-
-def distillation(config: Mapping[str, Any], method: str) -> str | None:
-    """The distillation ``method`` is fine-tuned with: its fine-tuning schedule's
-    ``distill`` (default merged with ``finetune.methods.<m>``), else the registry's
-    (``sad`` for gcp-sad, ``lcp`` for lcp), else None. The fine-tuning stage uses this too."""
-    from detprune.config import finetune_schedule
-    from detprune.pruning.methods import get_method
-
-    return finetune_schedule(config, method).get("distill", get_method(method).distill)
 
 
 def finetune_rule(config: Mapping[str, Any], method: str) -> str:

@@ -15,8 +15,9 @@ from detprune.data.coco import CocoDetection
 from detprune.data.synth import write_synthetic
 from detprune.evaluation.cost import count_params
 from detprune.models import MODELS, build_model
-from detprune.pruning.core import PruneContext, macs_counter
+from detprune.pruning.base import PruneContext
 from detprune.pruning.methods import METHODS
+from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.train import checkpoint
 from detprune.train.engine import make_loader
 

@@ -28,9 +28,10 @@ from detprune.evaluation.classification import evaluate_classifier
 from detprune.evaluation.cost import count_macs, count_params
 from detprune.models import MODELS, build_model
 from detprune.models.classification import Classifier
-from detprune.pruning.core import PruneContext, macs_counter
-from detprune.pruning.foi import FeatureRecorder, object_weights
+from detprune.pruning.base import PruneContext
+from detprune.pruning.importance.foi import FeatureRecorder, object_weights
 from detprune.pruning.methods import METHODS
+from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.train import checkpoint
 from detprune.train.engine import make_loader
 from tests.conftest import write_config

@@ -7,8 +7,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from detprune.pruning.core import accumulate_gradients
 from detprune.pruning.methods import METHODS
+from detprune.pruning.procedures.oneshot import accumulate_gradients
 from detprune.train.sparsity import SparsityContext, bn_l1
 
 

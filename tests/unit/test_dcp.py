@@ -10,10 +10,11 @@ from detprune.data.coco import CocoDetection
 from detprune.data.synth import write_synthetic
 from detprune.evaluation.cost import count_params
 from detprune.models import MODELS, build_model
-from detprune.pruning.aux_net import aux_positions, forward_order, stage_of
-from detprune.pruning.core import PruneContext, macs_counter
+from detprune.pruning.base import PruneContext
+from detprune.pruning.importance.aux_net import aux_positions, forward_order, stage_of
 from detprune.pruning.importance.dcp import consumer_of, fit_selected, greedy_select
 from detprune.pruning.methods import METHODS
+from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.train import checkpoint
 from detprune.train.engine import make_loader
 

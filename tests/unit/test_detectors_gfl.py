@@ -13,8 +13,8 @@ from detprune.data.synth import write_synthetic
 from detprune.evaluation.cost import count_params
 from detprune.models import MODELS, build_model
 from detprune.models.atss import atss_assign
-from detprune.pruning.core import macs_counter, prune_to_flops
 from detprune.pruning.importance.magnitude import l1_importance
+from detprune.pruning.procedures.oneshot import macs_counter, prune_to_flops
 from detprune.train import checkpoint
 from detprune.train.engine import evaluate, make_loader, train_one_epoch
 

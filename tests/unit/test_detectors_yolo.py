@@ -14,8 +14,8 @@ from detprune.evaluation.cost import count_macs, count_params
 from detprune.models import MODELS, build_model
 from detprune.models.darknet import CSPDarknet53, YOLOv4Neck, yolov4_darknet_convs
 from detprune.models.yolo import Letterbox, build_yolov4, split_prediction
-from detprune.pruning.core import macs_counter, prune_to_flops
 from detprune.pruning.importance.magnitude import l1_importance
+from detprune.pruning.procedures.oneshot import macs_counter, prune_to_flops
 from detprune.train import checkpoint
 from detprune.train.engine import evaluate, make_loader, train_one_epoch
 

@@ -10,8 +10,9 @@ from torch import nn
 from detprune import stages
 from detprune.evaluation.cost import count_params
 from detprune.models import MODELS, build_model
-from detprune.pruning.core import PruneContext, macs_counter
-from detprune.pruning.gcp import (
+from detprune.pruning.base import PruneContext
+from detprune.pruning.methods import METHODS
+from detprune.pruning.procedures.gcp import (
     Unit,
     apply_plan,
     coupled_units,
@@ -19,7 +20,7 @@ from detprune.pruning.gcp import (
     scale_group_of,
     select_channels,
 )
-from detprune.pruning.methods import METHODS
+from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.train import checkpoint
 
 NAME = "fasterrcnn_narrow_fpn"
@@ -339,7 +340,7 @@ def test_gcp_methods_are_registered():
 
 
 def test_a_groupnorm_unit_loses_whole_slots():
-    from detprune.pruning.gcp import Unit, select_channels
+    from detprune.pruning.procedures.gcp import Unit, select_channels
 
     scores = torch.tensor([0.9, 0.1, 0.5, 0.8, 0.7, 0.2, 0.4, 0.6])  # two blocks of 4
     unit = Unit("conv", "neck", scores, channel_groups=2)

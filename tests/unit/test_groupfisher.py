@@ -15,7 +15,7 @@ from detprune.pruning.importance.fisher import (
     prunable_groups,
 )
 from detprune.pruning.methods import METHODS
-from detprune.pruning.progressive import resolve_options, select_channels
+from detprune.pruning.procedures.progressive import resolve_options, select_channels
 from tests.unit.progressive_run import check_progressive_run
 
 
@@ -156,7 +156,7 @@ class _Losses(nn.Module):
 
 
 def test_pruning_stage_steps_clip_the_gradient_norm():
-    from detprune.pruning.progressive import DEFAULTS, train_step
+    from detprune.pruning.procedures.progressive import DEFAULTS, train_step
 
     assert DEFAULTS["clip_grad_norm"] == 35.0
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -177,7 +177,7 @@ def test_pruning_stage_steps_clip_the_gradient_norm():
 
 
 def test_groupnorm_channels_go_slot_wise_and_two_stay_per_block():
-    from detprune.pruning.progressive import select_channels
+    from detprune.pruning.procedures.progressive import select_channels
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))

@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import roi_align
 
 from detprune.models import build_model
-from detprune.pruning.aux_net import (
+from detprune.pruning.importance.aux_net import (
     AuxHead,
     anchor_grid,
     aux_loss,

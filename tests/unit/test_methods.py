@@ -8,9 +8,9 @@ import torch_pruning as tp
 
 from detprune import stages
 from detprune.models import MODELS, build_model
-from detprune.pruning.base import Method
-from detprune.pruning.core import PruneContext, macs_counter
+from detprune.pruning.base import Method, PruneContext
 from detprune.pruning.methods import METHODS
+from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.train import checkpoint
 
 NAME = "fasterrcnn_narrow_fpn"

@@ -11,8 +11,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from detprune.pruning.foi import FeatureRecorder, InfoLoss, object_weights, objectness, run_guide
 from detprune.pruning.importance.fisher import MaskFisher, combine, prunable_groups
+from detprune.pruning.importance.foi import (
+    FeatureRecorder,
+    InfoLoss,
+    object_weights,
+    objectness,
+    run_guide,
+)
 from detprune.pruning.importance.iri import (
     IRIConfig,
     channel_descriptors,
@@ -20,7 +26,7 @@ from detprune.pruning.importance.iri import (
     iri_scores,
 )
 from detprune.pruning.methods import METHODS
-from detprune.pruning.progressive import FOIState, resolve_options, train_step
+from detprune.pruning.procedures.progressive import FOIState, resolve_options, train_step
 from tests.unit.progressive_run import check_progressive_run
 
 E2 = math.exp(2.0)

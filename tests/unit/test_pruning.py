@@ -9,8 +9,8 @@ from torch import nn
 
 from detprune.evaluation.cost import count_macs, count_params
 from detprune.models import MODELS, build_model
-from detprune.pruning.core import macs_counter, prune_to_flops
 from detprune.pruning.importance.magnitude import l1_importance
+from detprune.pruning.procedures.oneshot import macs_counter, prune_to_flops
 from detprune.train import checkpoint
 
 NAME = "fasterrcnn_narrow_fpn"
@@ -166,7 +166,7 @@ def test_per_layer_pruning_closes_the_jump_between_two_ratios():
 def test_global_pruning_honours_the_max_layer_ratio():
     """A layer whose channels all score near zero would fall entirely under the global
     threshold; torch-pruning then skips it whole. The core caps it at max_layer_ratio."""
-    from detprune.pruning.core import _prune_once
+    from detprune.pruning.procedures.oneshot import prune_once
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -185,7 +185,7 @@ def test_global_pruning_honours_the_max_layer_ratio():
     model[2].tiny = True  # survives the copy the core prunes
     opts = {"global_pruning": True, "max_layer_ratio": 0.75, "round_to": None}
     example = torch.randn(1, 3, 8, 8)
-    pruned, _ = _prune_once(model, example, importance, 0.4, ["6"], opts)
+    pruned, _ = prune_once(model, example, importance, 0.4, ["6"], opts)
     widths = [pruned[i].out_channels for i in (0, 2, 4)]
     assert widths[1] == 4  # the tiny layer: down to 25% (the cap), not skipped, not emptied
     assert sum(widths) == int(48 * (1 - 0.4))  # the global share is still met

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detprune.models import MODELS, build_model
-from detprune.pruning.gcp import apply_plan, coupled_units, select_channels
+from detprune.pruning.procedures.gcp import apply_plan, coupled_units, select_channels
 from detprune.train import checkpoint
 from detprune.train.distill import DISTILLERS
 from detprune.train.sad import (

@@ -24,10 +24,11 @@ from torch import nn
 
 from detprune.config import SCRATCH_PREFIX, finetune_schedule, is_scratch
 from detprune.models import MODELS, build_model
-from detprune.pruning.core import PruneContext, layer_widths, macs_counter, make_pruner
+from detprune.pruning.base import PruneContext
 from detprune.pruning.importance.magnitude import l1_importance
 from detprune.pruning.methods import METHODS
-from detprune.pruning.scratch import INIT_SEED_OFFSET, from_scratch
+from detprune.pruning.procedures.oneshot import layer_widths, macs_counter, make_pruner
+from detprune.pruning.procedures.scratch import INIT_SEED_OFFSET, from_scratch
 from detprune.train import checkpoint
 
 SIZE = 64

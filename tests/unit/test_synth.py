@@ -168,7 +168,7 @@ def test_object_pixels_contrast_with_surroundings(data: tuple[Path, dict]) -> No
 
 @pytest.mark.parametrize("kind", CLASSES)
 def test_rendered_shape_fills_its_nominal_size(kind: str) -> None:
-    alpha = synth._render(kind, 40.0, 0.0, np.zeros(2))
+    alpha = synth.render_shape(kind, 40.0, 0.0, np.zeros(2))
     assert alpha is not None
     ys, xs = np.nonzero(alpha >= 0.5)
     assert 38 <= max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) <= 41
@@ -176,7 +176,8 @@ def test_rendered_shape_fills_its_nominal_size(kind: str) -> None:
 
 def test_shapes_differ_in_geometry() -> None:
     fills = {
-        kind: float((synth._render(kind, 60.0, 0.0, np.zeros(2)) >= 0.5).mean()) for kind in CLASSES
+        kind: float((synth.render_shape(kind, 60.0, 0.0, np.zeros(2)) >= 0.5).mean())
+        for kind in CLASSES
     }
     values = sorted(fills.values())
     assert min(b - a for a, b in zip(values, values[1:], strict=False)) > 0.01, fills

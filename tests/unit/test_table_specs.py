@@ -13,9 +13,10 @@ import yaml
 
 from detprune import experiments as E
 from detprune.config import ConfigError, load_config
+from detprune.experiments import table_files
 from detprune.models import MODELS
 from detprune.pruning.methods import METHODS
-from detprune.report.paper_tables import build_paper_table, table_files
+from detprune.report.paper_tables import build_paper_table
 from detprune.report.reported import load_reported
 from detprune.report.tables import to_markdown
 from tests.conftest import ROOT

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from detprune import experiments as E
 from detprune import workflow as W
-from detprune.report import paper_tables as PT
+from detprune.config import check_names
+
+# What the schema cannot check (the Snakefile validated it): every method, regularizer,
+# distillation and model the config names exists, and their options are keys they
+# declare, of the declared types (prune.options.<m>, sparse.regularizers.<r>,
+# finetune.methods.<m>.distill_options, model.kwargs). No torch is imported.
+check_names(config, " + ".join(map(str, workflow.overwrite_configfiles or ["config/config.yaml"])))
 
 
 def _experiments():
@@ -158,7 +164,7 @@ def get_final_outputs():
 def get_table_metrics(wildcards):
     """The metrics records a paper table reads (every seed, every experiment)."""
     spec = TABLE_SPECS[wildcards.table]
-    return PT.table_files(config, spec, wildcards.profile, get_seeds(wildcards).split(","))
+    return E.table_files(config, spec, wildcards.profile, get_seeds(wildcards).split(","))
 
 
 def get_seeds(wildcards):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from detprune.data.coco import DatasetError, problems_error
-from detprune.data.synth import _background, _pick_colour, _render, _save_png
+from detprune.data.synth import background, pick_colour, render_shape, save_png
 from detprune.data.transforms import Compose, RandomHorizontalFlip, Target, Transform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -78,7 +78,7 @@ def _texture(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
 def _draw(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
     """One image of class ``cls``: a noisy textured background with a large shape on it,
     or covered by a texture; uint8 RGB (size, size, 3)."""
-    img = _background(rng, size)
+    img = background(rng, size)
     kind = CLASSES[cls]
     if kind not in TEXTURES:
         alpha = None
@@ -88,15 +88,15 @@ def _draw(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
             else:
                 angle = rng.uniform(0, 2 * math.pi)
             longest = rng.uniform(0.45, 0.8) * size
-            alpha = _render(kind, longest, angle, rng.uniform(0, 1, size=2))
+            alpha = render_shape(kind, longest, angle, rng.uniform(0, 1, size=2))
         ph, pw = alpha.shape
         y, x = (int(v) for v in rng.integers(0, [size - ph + 1, size - pw + 1]))
-        colour = _pick_colour(rng, img[y : y + ph, x : x + pw])
+        colour = pick_colour(rng, img[y : y + ph, x : x + pw])
         a = alpha[..., None]
         img[y : y + ph, x : x + pw] = img[y : y + ph, x : x + pw] * (1 - a) + colour * a
     else:
         cover = _texture(rng, kind, size)[..., None]
-        colour = _pick_colour(rng, img)
+        colour = pick_colour(rng, img)
         strength = np.float32(rng.uniform(0.6, 0.85))
         img = img * (1 - strength * cover) + colour * (strength * cover)
     img += np.float32(rng.uniform(2.0, 7.0)) * rng.standard_normal(img.shape, dtype=np.float32)
@@ -115,7 +115,7 @@ def _write_split(root: Path, split: str, n: int, params: dict[str, Any]) -> dict
         for idx, label in enumerate(int(c) for c in labels):
             path = split_dir / names[label] / f"{idx:06d}.png"
             wanted.add(path)
-            writes.append(pool.submit(_save_png, path, _draw(rng, label, params["image_size"])))
+            writes.append(pool.submit(save_png, path, _draw(rng, label, params["image_size"])))
     for done in writes:
         done.result()  # re-raise a failed write
     for stale in sorted(split_dir.glob("*/*.png")):  # left over from an earlier run

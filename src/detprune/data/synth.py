@@ -82,7 +82,7 @@ def _unit_polygon(kind: str, angle: float) -> np.ndarray:
     return pts @ np.array([[c, s], [-s, c]])
 
 
-def _render(kind: str, longest: float, angle: float, frac: np.ndarray) -> np.ndarray | None:
+def render_shape(kind: str, longest: float, angle: float, frac: np.ndarray) -> np.ndarray | None:
     """Anti-aliased alpha patch in [0, 1], cropped to its non-zero pixels."""
     if kind in ("circle", "ring"):
         pts = np.array([[-1.0, -1.0], [1.0, 1.0]])
@@ -171,7 +171,7 @@ def _keeps_visible(
     return True
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Float RGB image (size, size, 3): gradient, texture, faint lines and blotches."""
     c0, c1 = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
     theta = rng.uniform(0, 2 * math.pi)
@@ -203,7 +203,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-def _pick_colour(rng: np.random.Generator, local: np.ndarray) -> np.ndarray:
+def pick_colour(rng: np.random.Generator, local: np.ndarray) -> np.ndarray:
     """A random colour far (RGB distance) from at least 95% of the ``local`` pixels."""
     pix = local.reshape(-1, 3).astype(np.float32)
     pix = pix[:: max(1, pix.shape[0] // 400)]  # a subsample is enough for a percentile
@@ -232,7 +232,7 @@ def _find_place(
             angle = math.radians(rng.uniform(-15, 15))
         else:
             angle = rng.uniform(0, 2 * math.pi)
-        alpha = _render(kind, rng.uniform(lo, top), angle, rng.uniform(0, 1, size=2))
+        alpha = render_shape(kind, rng.uniform(lo, top), angle, rng.uniform(0, 1, size=2))
         if alpha is None or max(alpha.shape) > size:
             continue
         mask = alpha >= 0.5
@@ -261,7 +261,7 @@ def _draw_image(
     (the caller moves them to the next image); one forced for its class is tried as a
     small object before that. Other objects without a place are left out.
     """
-    img = _background(rng, size)
+    img = background(rng, size)
     owner = np.full((size, size), -1, dtype=np.int16)
     placed: list[_Placed] = []
     objects: list[dict[str, Any]] = []
@@ -278,7 +278,7 @@ def _draw_image(
             continue
         alpha, x, y, box = found
         ph, pw = alpha.shape
-        colour = _pick_colour(rng, img[max(y - 2, 0) : y + ph + 2, max(x - 2, 0) : x + pw + 2])
+        colour = pick_colour(rng, img[max(y - 2, 0) : y + ph + 2, max(x - 2, 0) : x + pw + 2])
         a = alpha[..., None]
         img[y : y + ph, x : x + pw] = img[y : y + ph, x : x + pw] * (1 - a) + colour * a
         mask = alpha >= 0.5
@@ -327,7 +327,7 @@ def _plan_split(
     return plans
 
 
-def _save_png(path: Path, pixels: np.ndarray) -> None:
+def save_png(path: Path, pixels: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG", compress_level=_PNG_COMPRESS)
 
@@ -351,7 +351,7 @@ def _write_split(out_dir: Path, split: str, num_images: int, params: dict[str, A
             pixels, objects, missed = _draw_image(rng, image_size, missed + plan)
             name = f"{idx:06d}.png"
             names.add(name)
-            writes.append(pool.submit(_save_png, img_dir / name, pixels))
+            writes.append(pool.submit(save_png, img_dir / name, pixels))
             images.append(
                 {"id": idx + 1, "file_name": name, "width": image_size, "height": image_size}
             )

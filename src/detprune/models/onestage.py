@@ -8,6 +8,7 @@ heads have exactly K channels, one per foreground class, as in the papers: label
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,6 +133,14 @@ def build_retinanet(
 def build_fsaf(num_classes: int, **kwargs: Any) -> nn.Module:
     """FSAF (Zhu et al., CVPR 2019): RetinaNet + anchor-free branches, see :mod:`.fsaf`."""
     return build_retinanet(num_classes, fsaf=True, **kwargs)
+
+
+# its keyword arguments are build_retinanet's (but ``fsaf``): what the model catalog lists
+build_fsaf.__signature__ = inspect.signature(build_retinanet).replace(  # type: ignore[attr-defined]
+    parameters=[
+        p for p in inspect.signature(build_retinanet).parameters.values() if p.name != "fsaf"
+    ]
+)
 
 
 def build_fcos(

@@ -14,7 +14,8 @@ head is created at the first call, with the feature's channel count, and is not 
 
 Options (``finetune.methods.lcp.distill_options``): ``weight`` of ``L_a`` (1.0), ``lr``
 (0.01), ``momentum`` (0.9), ``weight_decay`` (1e-4), ``m`` (``iou`` or a number), and the
-head/box settings of :data:`detprune.pruning.importance.dcp.DEFAULTS`.
+head/box settings of DCP/LCP's pruning stage: declared in
+:data:`detprune.pruning.procedures.options.LCP_LOSS`.
 """
 
 from __future__ import annotations
@@ -25,29 +26,12 @@ import torch
 from torch import nn
 
 from detprune.models import MODELS
-from detprune.pruning.aux_net import AuxHead, aux_loss, model_targets
-from detprune.pruning.importance.dcp import DEFAULTS as PRUNE_DEFAULTS
+from detprune.pruning.importance.aux_net import AuxHead, aux_loss, model_targets
+from detprune.pruning.procedures.options import LCP_LOSS
 from detprune.train.distill_base import DistillFactory, LossHook
+from detprune.utils.options import defaults
 
-DEFAULTS: dict[str, Any] = {
-    "weight": 1.0,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "seed": 0,
-    **{
-        k: PRUNE_DEFAULTS[k]
-        for k in (
-            "m",
-            "aux_channels",
-            "roi_size",
-            "anchor_scales",
-            "anchor_ratios",
-            "max_pos",
-            "neg_ratio",
-        )
-    },
-}
+DEFAULTS: dict[str, Any] = defaults(LCP_LOSS)
 
 
 class LCPAuxLoss:

@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from detprune.utils.io import atomic_path  # noqa: E402
+from detprune.workflow import pct  # noqa: E402
 
 BASELINE = "baseline"
 DPI = 120
@@ -24,7 +25,7 @@ _PALETTE = plt.get_cmap("tab10").colors
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Save ``fig`` as a PNG atomically, without the (version-dependent) Software tag."""
     path = Path(path)
     try:
@@ -35,7 +36,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _styles(methods: Sequence[str]) -> dict[str, tuple[Any, str]]:
+def method_styles(methods: Sequence[str]) -> dict[str, tuple[Any, str]]:
     """A fixed (colour, marker) per method name, independent of which subplot shows it."""
     return {
         m: (_PALETTE[i % len(_PALETTE)], _MARKERS[i % len(_MARKERS)])
@@ -43,7 +44,7 @@ def _styles(methods: Sequence[str]) -> dict[str, tuple[Any, str]]:
     }
 
 
-def _grid(n: int, width: float, height: float) -> tuple[Figure, list[Any]]:
+def grid(n: int, width: float, height: float) -> tuple[Figure, list[Any]]:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
@@ -92,9 +93,9 @@ def plot_map_vs_flops(df: pd.DataFrame, path: Path, title: str = "") -> Path:
     if df.empty:
         raise ValueError("table has no rows to plot")
     detectors = sorted(df["detector"].unique())
-    styles = _styles([m for m in df["method"].unique() if m != BASELINE])
+    styles = method_styles([m for m in df["method"].unique() if m != BASELINE])
     level = df.attrs.get("level", 0.95)
-    fig, axes = _grid(len(detectors), 5.5, 4.0)
+    fig, axes = grid(len(detectors), 5.5, 4.0)
     for ax, detector in zip(axes, detectors, strict=True):
         sub = df[df["detector"] == detector]
         any_interval = False
@@ -141,7 +142,7 @@ def plot_map_vs_flops(df: pd.DataFrame, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _short_names(names: Sequence[str], max_len: int = 20) -> list[str]:
@@ -205,7 +206,7 @@ def plot_channels_per_layer(records: list[dict[str, Any]], path: Path, title: st
     if not names:
         raise ValueError("channel records list no layers")
     labels = _short_names(names)
-    styles = _styles(list({m for by in series.values() for m in by}))
+    styles = method_styles(list({m for by in series.values() for m in by}))
     targets = sorted(series, reverse=True)
     width = max(6.0, 0.22 * len(names) + 1.5)
     fig, axes = plt.subplots(
@@ -218,7 +219,7 @@ def plot_channels_per_layer(records: list[dict[str, Any]], path: Path, title: st
             y = np.array([shares.get(n, np.nan) for n in names], dtype=float)
             color, marker = styles[method]
             ax.plot(x, y, color=color, marker=marker, markersize=3, linewidth=1.0, label=method)
-        ax.set_title(f"FLOPs target {target * 100:g}%", fontsize="medium")
+        ax.set_title(f"FLOPs target {pct(target)}%", fontsize="medium")
         ax.set_ylabel("kept share")
         ax.set_ylim(0.0, 1.05)
         ax.grid(True, alpha=0.3)
@@ -230,4 +231,4 @@ def plot_channels_per_layer(records: list[dict[str, Any]], path: Path, title: st
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -17,11 +17,9 @@ import numpy as np
 import pandas as pd
 
 from detprune.evaluation.bootstrap import delta_interval
-from detprune.experiments import TableSpec, experiment_dir
-from detprune.report.figures import _grid, _save, _styles
+from detprune.experiments import TableSpec, baseline_metrics, row_metrics, table_files
+from detprune.report.figures import grid, method_styles, save_figure
 from detprune.report.tables import load_records
-from detprune.workflow import path as wpath
-from detprune.workflow import pct
 
 #: The table's metric -> the key of the metrics record (a fraction, shown in percent).
 METRIC_FIELD = {"mAP": "AP", "AP50": "AP50", "top1": "top1"}
@@ -44,25 +42,6 @@ COLUMNS = (
     "seeds",
     "note",
 )
-
-
-def table_files(
-    main: Mapping[str, Any], table: TableSpec, profile: str, seeds: Sequence[int]
-) -> list[str]:
-    """The metrics records ``table`` reads: each experiment's baseline and each row, per seed."""
-    files: list[str] = []
-    for seed in seeds:
-        for key in table.experiments:
-            files.append(wpath("metrics_baseline", _at(main, table, key, profile, seed), seed=seed))
-        for row in table.rows:
-            if not row.missing:
-                at = _at(main, table, row.experiment, profile, seed)
-                files.append(wpath("metrics", at, method=row.method, pct=pct(row.flops), seed=seed))
-    return list(dict.fromkeys(files))
-
-
-def _at(main: Mapping[str, Any], table: TableSpec, key: str, profile: str, seed: int) -> dict:
-    return {"results": experiment_dir(main, table, key, profile, seed)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -91,9 +70,8 @@ def build_paper_table(
             raise ValueError(f"table {table.name}: reported id {row.reported!r} is not in the data")
         base_vals, vals, deltas, kept, params, paired = [], [], [], [], [], []
         for seed in seeds if not row.missing else ():
-            at = _at(main, table, row.experiment, profile, seed)
-            base = records[wpath("metrics_baseline", at, seed=seed)]
-            rec = records[wpath("metrics", at, method=row.method, pct=pct(row.flops), seed=seed)]
+            base = records[baseline_metrics(main, table, row.experiment, profile, seed)]
+            rec = records[row_metrics(main, table, row, profile, seed)]
             b, v = _value(base, field), _value(rec, field)
             base_vals.append(b)
             vals.append(v)
@@ -168,8 +146,8 @@ def plot_paper_table(df: pd.DataFrame, path: Path, title: str, metric: str) -> P
     and the paper's figure at the FLOPs target (hollow), one subplot per detector."""
     shown = df[df["note"].str.startswith("missing") == False]  # noqa: E712
     detectors = list(dict.fromkeys(df["detector"])) or ["-"]
-    styles = _styles(list(df["method"].unique()))
-    fig, axes = _grid(len(detectors), 5.5, 4.0)
+    styles = method_styles(list(df["method"].unique()))
+    fig, axes = grid(len(detectors), 5.5, 4.0)
     for ax, det in zip(axes, detectors, strict=True):
         sub = shown[shown["detector"] == det]
         for method in dict.fromkeys(sub["method"]):
@@ -213,4 +191,4 @@ def plot_paper_table(df: pd.DataFrame, path: Path, title: str, metric: str) -> P
         ax.legend(fontsize="x-small")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

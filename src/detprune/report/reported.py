@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from detprune.workflow import pct
+
 #: The data file relative to the repository root: the CLI's default (the library takes a path).
 DEFAULT_PATH = Path("config/reported.yaml")
 
@@ -38,14 +40,10 @@ class Reported:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def pct_label(flops: float) -> str:
-    """The id's FLOPs part: 0.5 -> '50', 0.53 -> '53', 0.651 -> '65.1'."""
-    return f"{round(flops * 100, 6):g}"
-
-
 def entry_id(source: str, dataset: str, detector: str, method: str, flops: float) -> str:
-    """The id of an entry: ``<source>/<dataset>/<detector>/<method>@<pct>``."""
-    return f"{source}/{dataset}/{detector}/{method}@{pct_label(flops)}"
+    """The id of an entry: ``<source>/<dataset>/<detector>/<method>@<pct>``, the FLOPs part
+    formatted as in result paths (:func:`detprune.workflow.pct`: 0.651 -> '65.1')."""
+    return f"{source}/{dataset}/{detector}/{method}@{pct(flops)}"
 
 
 def _is_number(x: object) -> bool:

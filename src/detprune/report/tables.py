@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from detprune.evaluation.bootstrap import delta_interval, mark
+from detprune.pruning.base import scratch_source
 from detprune.utils.io import atomic_path, write_text
 
 #: Top-level keys every metrics record must carry, and the keys required inside two of them.
@@ -39,8 +40,6 @@ METRIC_KEYS: tuple[str, ...] = ("AP",)
 CLS_METRIC_KEYS: tuple[str, ...] = ("top1",)
 
 BASELINE = "baseline"
-#: ``scratch-<m>``, a from-scratch control, is compared with ``<m>`` (not the reference).
-SCRATCH_PREFIX = "scratch-"
 
 #: Table column -> COCO metric it shows (in percent).
 PERCENT_METRICS: dict[str, str] = {
@@ -217,9 +216,9 @@ def _interval(
 
 
 def _reference_of(method: str, reference: str) -> str:
-    if method.startswith(SCRATCH_PREFIX):
-        return method[len(SCRATCH_PREFIX) :]
-    return reference
+    """``scratch-<m>``, a from-scratch control, is compared with ``<m>`` (not the
+    reference)."""
+    return scratch_source(method) or reference
 
 
 def _add_intervals(

@@ -93,6 +93,15 @@ def preemption_guard() -> Iterator[None]:
 # ---------------------------------------------------------------- process groups
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` means CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
 @dataclass
 class DistContext:
     """Rank, world size and device of this training process."""
@@ -119,8 +128,6 @@ def setup(device_name: str = "auto") -> DistContext:
     Under torchrun with CUDA each process takes GPU ``LOCAL_RANK`` and NCCL; on the CPU
     the processes talk over gloo.
     """
-    from detprune.train.engine import resolve_device
-
     device = resolve_device(device_name)
     initialized = dist.is_available() and dist.is_initialized()
     if not initialized and env_world() <= 1:
@@ -321,11 +328,12 @@ def _split_threads(argv: Sequence[str], nproc: int) -> list[str]:
     return out
 
 
-def launch(argv: Sequence[str], nproc: int) -> int:
-    """Run ``detprune <argv>`` as ``nproc`` torchrun workers on this node; return the exit
-    code (:data:`PREEMPTED_EXIT` when this process was told to stop and the workers
-    stopped). ``--threads`` is divided among the workers. SIGTERM/SIGUSR1 sent to this
-    process are passed to torchrun as SIGTERM, which forwards it to every worker.
+def launch(argv: Sequence[str], nproc: int, entry: str) -> int:
+    """Run ``python -m <entry> '<argv as JSON>'`` as ``nproc`` torchrun workers on this
+    node (``entry``: the caller's worker module, :mod:`detprune.worker` for the CLI);
+    return the exit code (:data:`PREEMPTED_EXIT` when this process was told to stop and
+    the workers stopped). ``--threads`` is divided among the workers. SIGTERM/SIGUSR1 sent
+    to this process are passed to torchrun as SIGTERM, which forwards it to every worker.
     """
     cmd = [
         sys.executable,
@@ -334,8 +342,8 @@ def launch(argv: Sequence[str], nproc: int) -> int:
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
-        "detprune.train.distributed",  # the arguments as one JSON word: torchrun's parser
-        json.dumps(_split_threads(argv, nproc)),  # would take --nproc, --log for its own
+        entry,  # the arguments as one JSON word: torchrun's parser would take --nproc,
+        json.dumps(_split_threads(argv, nproc)),  # --log for its own
     ]
     log.info("launching %d training processes: %s", nproc, " ".join(cmd))
     proc = subprocess.Popen(cmd)
@@ -360,9 +368,3 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     if forwarded and rc != 0:
         return PREEMPTED_EXIT
     return rc
-
-
-if __name__ == "__main__":  # a torchrun worker: `detprune <json argv>`
-    from detprune.cli import main
-
-    main(json.loads(sys.argv[1]))

@@ -31,15 +31,6 @@ LossHook = Callable[[nn.Module, list, list, dict], dict]
 GradHook = Callable[[nn.Module, float], None]
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` means CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
 def make_loader(
     dataset: Dataset,
     batch_size: int,

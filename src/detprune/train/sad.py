@@ -33,6 +33,8 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from detprune.models import MODELS
 from detprune.train.distill_base import DistillFactory, LossHook
+from detprune.train.options import SAD_OPTIONS
+from detprune.utils.options import defaults
 
 log = logging.getLogger("detprune.distill")
 
@@ -148,17 +150,18 @@ def sad(
     ``box_taps`` (modules for the box L2 when the detector has no RPN).
     """
     entry = MODELS[spec["name"]]
-    taps: dict[str, str] = dict(options.get("taps") or entry.distill_taps)
+    opts = {**defaults(SAD_OPTIONS), **options}
+    taps: dict[str, str] = dict(opts["taps"] or entry.distill_taps)
     if not taps:
         raise ValueError(f"SAD: {spec['name']} declares no distill_taps")
-    weights = {**DEFAULT_WEIGHTS, **(options.get("weights") or {})}
-    output = bool(options.get("output", False))
-    temperature = float(options.get("temperature", 3.0))
-    kl_weight = float(options.get("kl_weight", 1e-3))
-    box_weight = float(options.get("box_weight", 1e-3))
+    weights = {**DEFAULT_WEIGHTS, **(opts["weights"] or {})}
+    output = bool(opts["output"])
+    temperature = float(opts["temperature"])
+    kl_weight = float(opts["kl_weight"])
+    box_weight = float(opts["box_weight"])
     logit_taps = list(entry.cls_logits) if output else []
     use_rpn = output and hasattr(student, "rpn") and hasattr(student.rpn, "box_coder")
-    box_taps = list(options.get("box_taps") or []) if output and not use_rpn else []
+    box_taps = list(opts["box_taps"] or []) if output and not use_rpn else []
     paths = list(taps) + logit_taps + box_taps + (["rpn.head"] if use_rpn else [])
 
     teacher.eval()

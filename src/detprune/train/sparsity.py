@@ -15,6 +15,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from detprune.train.options import REGULARIZER_OPTIONS
+from detprune.utils.options import defaults
+
 GradHook = Callable[[nn.Module, float], None]
 
 
@@ -26,6 +29,11 @@ class SparsityContext:
     options: dict[str, Any]
     ignored: list[str]
     example: torch.Tensor
+
+
+def _options(name: str, ctx: SparsityContext) -> dict[str, Any]:
+    """The declared defaults of regularizer ``name`` with ``ctx.options`` over them."""
+    return {**defaults(REGULARIZER_OPTIONS[name]), **ctx.options}
 
 
 def _prunable_bns(model: nn.Module, ignored: list[str]) -> list[nn.BatchNorm2d]:
@@ -42,7 +50,7 @@ def bn_l1(model: nn.Module, ctx: SparsityContext) -> GradHook:
     Liu et al., "Learning Efficient Convolutional Networks through Network Slimming",
     ICCV 2017 (s = 1e-4 in the paper; ``sparse.regularizers.bn_l1.s``).
     """
-    s = float(ctx.options.get("s", 1e-4))
+    s = float(_options("bn_l1", ctx)["s"])
     bns = _prunable_bns(model, ctx.ignored)
 
     @torch.no_grad()
@@ -89,11 +97,11 @@ def bn_l1_dynamic(model: nn.Module, ctx: SparsityContext) -> GradHook:
     important channels recover while the rest keep being pushed to zero. ``s`` defaults
     to 1e-3 (the authors' README). ``factor: 1`` or ``switch: 1`` is Network Slimming.
     """
-    opts = ctx.options
-    s = float(opts.get("s", 1e-3))
-    switch = float(opts.get("switch", 0.4))
-    percentile = float(opts.get("percentile", 65.0))
-    factor = float(opts.get("factor", 0.01))
+    opts = _options("bn_l1_dynamic", ctx)
+    s = float(opts["s"])
+    switch = float(opts["switch"])
+    percentile = float(opts["percentile"])
+    factor = float(opts["factor"])
     if not 0 <= percentile <= 100:
         raise ValueError(
             f"sparse.regularizers.bn_l1_dynamic.percentile: {percentile} not in 0..100"
@@ -131,7 +139,7 @@ def group_l2(model: nn.Module, ctx: SparsityContext) -> GradHook:
         model,
         example_inputs=(ctx.example,),
         importance=tp.importance.GroupMagnitudeImportance(p=2),
-        reg=float(ctx.options.get("reg", 5e-4)),
+        reg=float(_options("group_l2", ctx)["reg"]),
         ignored_layers=[model.get_submodule(n) for n in ctx.ignored],
     )
     model.train(was)

@@ -1,4 +1,7 @@
-"""Atomic file output: every file detprune writes appears whole or not at all."""
+"""Atomic file output: every file detprune writes appears whole or not at all.
+
+torch is imported only by the two checkpoint functions, so the workflow's modules can
+write their files without loading it."""
 
 from __future__ import annotations
 
@@ -10,8 +13,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 @contextlib.contextmanager
@@ -59,6 +60,8 @@ def torch_save(path: str | os.PathLike[str], obj: Any) -> None:
     Saved through a buffer so the archive's inner name does not depend on the (random)
     temporary file name: the same object gives the same bytes.
     """
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(path, buf.getvalue())
@@ -66,6 +69,8 @@ def torch_save(path: str | os.PathLike[str], obj: Any) -> None:
 
 def torch_load(path: str | os.PathLike[str]) -> Any:
     """Load a file written by :func:`torch_save`, never unpickling arbitrary objects."""
+    import torch
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: checkpoint file does not exist")

@@ -1,4 +1,5 @@
-"""DCP's channel-selection criterion, and the ``dcp`` and ``lcp`` methods.
+"""DCP's channel-selection criterion (the ``dcp`` and ``lcp`` methods' procedure is
+:mod:`detprune.pruning.procedures.stagewise`).
 
 Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks", NeurIPS
 2018 (DCP); Chen et al., "Localization-aware Channel Pruning for Object Detection",
@@ -7,7 +8,8 @@ Neurocomputing 2020 (LCP).
 A channel is kept or removed for a whole torch-pruning group; the layers reading the
 group's channels (its *consumers*: the next conv, or every layer after a residual sum)
 are the layers whose input channels DCP selects. Given a loss ``L`` of the consumers'
-weights (reconstruction + auxiliary loss, see :mod:`detprune.pruning.dcp`), selection
+weights (reconstruction + auxiliary loss, see
+:mod:`detprune.pruning.procedures.stagewise`), selection
 starts from no channel and repeatedly adds the channels with the largest
 ``||dL/dW_k||_F^2`` (summed over the consumers' input slices ``W_k``), then takes SGD
 steps on the selected weights, until the budget.
@@ -16,42 +18,14 @@ steps on the selected weights, until the budget.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from detprune.pruning.base import Method
-
-if TYPE_CHECKING:
-    from detprune.pruning.core import PruneContext, PruneResult
-
 LossFn = Callable[[int], torch.Tensor]
-
-DEFAULTS: dict[str, Any] = {
-    "mse_weight": 1.0,  # DCP's code: weight of the reconstruction error
-    "alpha": 1.0,  # DCP's code: weight of the auxiliary loss
-    "num_aux_losses": 3,  # DCP's code: auxiliary losses (the last stage uses the task loss)
-    "layer_lr": 0.01,  # DCP's code: lr of the layer-wise SGD on the selected weights
-    "m": "iou",  # LCP's GIoU weight: IoU(B, A), or a number
-    "allocation": "l1",  # METHODS entry whose FLOPs allocation gives the channel budgets
-    "batches": 2,  # calibration batches for the selection
-    "select_steps": 4,  # greedy rounds per group (>= budget: one channel per round)
-    "sgd_iters": 2,  # SGD steps on the selected weights after each round
-    "aux_batches": 4,  # batches the auxiliary heads are trained on
-    "aux_iters": 60,  # SGD steps training each stage's auxiliary head first
-    "aux_lr": 0.05,
-    "aux_channels": 64,
-    "roi_size": 3,
-    "anchor_scales": [2.0, 4.0, 8.0],
-    "anchor_ratios": [0.5, 1.0, 2.0],
-    "max_pos": 32,  # positive default boxes sampled per image
-    "neg_ratio": 3.0,  # negatives per positive (random, not hard-mined)
-}
 
 
 @dataclass
@@ -231,26 +205,3 @@ def greedy_select(
         done += sgd_iters
     _zero_grads(consumers)
     return torch.nonzero(keep).flatten(), last
-
-
-def _stagewise(head: str, ctx: PruneContext, method: Method, target: float) -> PruneResult:
-    from detprune.pruning.dcp import stagewise  # the procedure imports this module
-
-    return stagewise(ctx, method, target, head=head)
-
-
-DCP_METHODS: dict[str, Method] = {
-    "dcp": Method(
-        "DCP: stage-wise discrimination-aware channel selection, classification aux net "
-        "(Zhuang et al. 2018)",
-        procedure=functools.partial(_stagewise, "dcp"),
-        family="dcp",
-    ),
-    "lcp": Method(
-        "LCP: DCP with a localization-aware aux net (contextual RoIAlign, GIoU), "
-        "fine-tuned with its loss (Chen et al. 2020)",
-        procedure=functools.partial(_stagewise, "lcp"),
-        distill="lcp",
-        family="dcp",
-    ),
-}

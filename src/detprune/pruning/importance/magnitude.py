@@ -1,4 +1,5 @@
-"""Data-free criteria: magnitude, BN scale, geometric median, random."""
+"""Data-free criteria: magnitude, BN scale (Network Slimming's global |gamma|, GCP's max
+|gamma| over a coupled group), geometric median, random."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 import torch_pruning as tp
 
 if TYPE_CHECKING:
-    from detprune.pruning.core import PruneContext
+    from detprune.pruning.base import PruneContext
+
+_BN = torch.nn.modules.batchnorm._BatchNorm
 
 
 def l1_importance(ctx: PruneContext | None = None) -> tp.importance.Importance:
@@ -97,3 +100,43 @@ class SeededRandomImportance(tp.importance.Importance):
 def random_importance(ctx: PruneContext) -> tp.importance.Importance:
     """Random channels, seeded by the run's seed."""
     return SeededRandomImportance(ctx.seed)
+
+
+class GammaImportance(tp.importance.Importance):
+    """|gamma| of a coupled group's channels, max over its BatchNorms (OR-merge).
+
+    GCP (Niu et al. 2022) and Network Slimming (Liu et al., ICCV 2017). A group without
+    BatchNorm (FPN lateral convs, box-head linears) is scored by its mean L1 weight
+    magnitude divided by the group mean (about 1, the scale of unregularized gammas).
+    """
+
+    def __init__(self) -> None:
+        self.fallback = tp.importance.GroupMagnitudeImportance(
+            p=1, group_reduction="mean", normalizer="mean"
+        )
+
+    @torch.no_grad()
+    def __call__(self, group: tp.Group) -> torch.Tensor:
+        position = {int(r): i for i, r in enumerate(group[0].root_idxs)}
+        score: torch.Tensor | None = None
+        for item in group:
+            layer = item.dep.target.module
+            if not isinstance(layer, _BN) or layer.weight is None:
+                continue
+            gamma = layer.weight.detach().abs().float().cpu()[list(item.idxs)]
+            where = torch.tensor([position[int(r)] for r in item.root_idxs], dtype=torch.long)
+            if score is None:
+                score = torch.zeros(len(position))
+            score.scatter_reduce_(0, where, gamma, reduce="amax")
+        if score is None:
+            return self.fallback(group).float().cpu()
+        return score
+
+
+def gcp_importance(ctx: PruneContext | None = None) -> tp.importance.Importance:
+    """|gamma| of a coupled group, max over its BNs (the OR-merge of coupled masks).
+
+    Niu et al., "Group channel pruning and spatial attention distilling for object
+    detection", Applied Intelligence 2022; Liu et al., Network Slimming, ICCV 2017.
+    """
+    return GammaImportance()

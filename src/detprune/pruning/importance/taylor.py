@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch_pruning as tp
 
 if TYPE_CHECKING:
-    from detprune.pruning.core import PruneContext
+    from detprune.pruning.base import PruneContext
 
 
 def taylor_importance(ctx: PruneContext | None = None) -> tp.importance.Importance:

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,9 +30,7 @@ import torch_pruning as tp
 from torch import nn
 
 from detprune.evaluation.cost import count_macs
-from detprune.pruning.base import Method
-from detprune.pruning.core import PruneContext, PruneResult, make_report
-from detprune.pruning.foi import FeatureRecorder, InfoLoss, object_weights, run_guide
+from detprune.pruning.base import Method, PruneContext, PruneResult
 from detprune.pruning.importance.fisher import (
     PRUNABLE,
     GroupInfo,
@@ -43,51 +41,23 @@ from detprune.pruning.importance.fisher import (
     prunable_groups,
     slots,
 )
+from detprune.pruning.importance.foi import FeatureRecorder, InfoLoss, object_weights, run_guide
 from detprune.pruning.importance.iri import IRIConfig, iri_scores
+from detprune.pruning.procedures.oneshot import make_report
+from detprune.pruning.procedures.options import PROGRESSIVE, SHARED
 from detprune.train.engine import build_optimizer
+from detprune.utils.options import defaults
 
 log = logging.getLogger("detprune.prune")
 
-DEFAULTS: dict[str, Any] = {
-    "interval": 5,  # training iterations between two pruning steps
-    "steps": 20,  # planned pruning steps to the target (each removes ~1/steps of what is left)
-    "channels_per_step": None,  # a fixed channel count per step instead (shrunk near the end)
-    "max_steps": 200,
-    "lr_scale": 0.2,  # pruning-stage lr = train lr * lr_scale
-    # gradient-norm clipping of the pruning-stage steps (mmdetection's max_norm for its
-    # one-stage detectors); null: none. Without it miep-mse diverged on GFL at 10 % FLOPs
-    # (L_info 1.8 -> 18003 -> 2e29 in 15 iterations after the neck was pruned).
-    "clip_grad_norm": 35.0,
-    "normalize_flops": True,  # divide a group's importance by the MACs of one of its channels
-    "coupling": "shared_mask",  # coupled layers share one mask | "sum" of per-layer Fisher
-    "tli": True,
-    "foi": False,
-    "iri": False,
-    "foi_optimize": True,  # also add L_info to the training loss (else: pruning only)
-    "foi_weight": 1.0,
-    "foi_similarity": "cosine",  # | "mse"
-    "foi_objectness": True,  # Phi_obj weighting (False: Phi_pre only)
-    "foi_guide_bn": "batch",  # guide BN uses the batch's statistics like the student | "eval"
-    "iri_algorithm": "hierarchical",  # | "kmeans"
-    "iri_stop": "ratio",  # | "distance"
-    "iri_ratio": 0.1,
-    "iri_distance": 0.8,
-    "iri_linkage": "ward",
-    "iri_lambda": 2.0,
-}
-
-
-@dataclass(frozen=True)
-class ProgressiveMethod(Method):
-    """A method pruned by :func:`procedure` with ``preset`` options (``prune.options.<name>``
-    overrides them)."""
-
-    preset: Mapping[str, Any] = field(default_factory=dict)
+#: The defaults of the progressive procedure's own options (the shared ``prune`` keys come
+#: with the context's options); the pruning summary records their values.
+DEFAULTS: dict[str, Any] = {k: v for k, v in defaults(PROGRESSIVE).items() if k not in SHARED}
 
 
 def resolve_options(method: Method, options: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults, then the method's preset, then the run's options."""
-    return {**DEFAULTS, **getattr(method, "preset", {}), **options}
+    return {**DEFAULTS, **method.preset, **options}
 
 
 def iri_config(opts: Mapping[str, Any], seed: int) -> IRIConfig:

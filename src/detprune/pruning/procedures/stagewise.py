@@ -5,9 +5,9 @@ Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks", 
 Neurocomputing 2020.
 
 1. Budgets: the ``allocation`` criterion (default ``l1``) is pruned to the FLOPs target on
-   a copy (:func:`~detprune.pruning.core.prune_to_flops`); its per-layer widths are the
-   channel budgets, so DCP and LCP sit at the FLOPs of the other rows. DCP/LCP then choose
-   *which* channels each group keeps.
+   a copy (:func:`~detprune.pruning.procedures.oneshot.prune_to_flops`); its per-layer
+   widths are the channel budgets, so DCP and LCP sit at the FLOPs of the other rows.
+   DCP/LCP then choose *which* channels each group keeps.
 2. Stages: ``num_aux_losses`` of the registry's ``aux_features`` (evenly spaced) carry an
    auxiliary head; the layers after the last one form the final stage, whose auxiliary
    loss is the detector's own loss. A group belongs to the stage of its first consumer.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from detprune.pruning.aux_net import (
+from detprune.pruning.base import PruneContext, PruneResult
+from detprune.pruning.importance.aux_net import (
     AuxHead,
     ClassAuxHead,
     aux_loss,
@@ -50,22 +52,28 @@ from detprune.pruning.aux_net import (
     run_until,
     stage_of,
 )
-from detprune.pruning.core import PruneContext, PruneResult, make_report, prune_to_flops
-from detprune.pruning.importance.dcp import DEFAULTS, consumer_of, greedy_select
+from detprune.pruning.importance.dcp import consumer_of, greedy_select
+from detprune.pruning.procedures.oneshot import accumulate_gradients, make_report, prune_to_flops
+from detprune.pruning.procedures.options import SHARED, STAGEWISE
+from detprune.utils.options import defaults
 
 if TYPE_CHECKING:
     from detprune.pruning.base import Method
+
+#: The defaults of DCP's and LCP's own options (the shared ``prune`` keys come with the
+#: context's options).
+DEFAULTS: dict[str, Any] = {k: v for k, v in defaults(STAGEWISE).items() if k not in SHARED}
 
 log = logging.getLogger("detprune.prune.dcp")
 AUX = "_dcp_aux"
 
 
-def _allocate(ctx: PruneContext, target: float, opts: dict[str, Any]) -> dict[str, Any]:
-    """Per-layer widths at the FLOPs target from the ``allocation`` criterion."""
-    from detprune.pruning.core import accumulate_gradients
-    from detprune.pruning.methods import get_method
-
-    alloc = get_method(str(opts["allocation"]))
+def _allocate(
+    ctx: PruneContext, target: float, opts: dict[str, Any], lookup: Callable[[str], Method]
+) -> dict[str, Any]:
+    """Per-layer widths at the FLOPs target from the ``allocation`` criterion (the method
+    ``lookup`` returns for that name)."""
+    alloc = lookup(str(opts["allocation"]))
     if alloc.importance is None or alloc.sparsity:
         raise ValueError(
             f"prune.options: allocation {opts['allocation']!r} must be a one-shot criterion "
@@ -364,8 +372,16 @@ class _Run:
         log.info("dcp: %s stage %d kept %d/%d", plan["root"], s, plan["budget"], plan["n"])
 
 
-def stagewise(ctx: PruneContext, method: Method, target: float, *, head: str) -> PruneResult:
-    """Prune ``ctx.model`` to ``target`` of its MACs with DCP (``head="dcp"``) or LCP."""
+def stagewise(
+    ctx: PruneContext,
+    method: Method,
+    target: float,
+    *,
+    head: str,
+    lookup: Callable[[str], Method],
+) -> PruneResult:
+    """Prune ``ctx.model`` to ``target`` of its MACs with DCP (``head="dcp"``) or LCP;
+    ``lookup`` finds the ``allocation`` method by name (the registry's ``get_method``)."""
     if head == "lcp" and getattr(ctx.entry, "task", "detection") != "detection":
         raise ValueError(
             f"lcp needs a detector with boxes: {ctx.spec.get('name')!r} is a "
@@ -373,7 +389,7 @@ def stagewise(ctx: PruneContext, method: Method, target: float, *, head: str) ->
         )
     t0 = time.perf_counter()
     opts = {**DEFAULTS, **ctx.options}
-    alloc = _allocate(ctx, target, opts)
+    alloc = _allocate(ctx, target, opts, lookup)
     t_alloc = time.perf_counter() - t0
     widths = alloc["layers"]
     run = _Run(ctx, opts, head)

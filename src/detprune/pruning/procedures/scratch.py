@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from detprune.models import build_model
-from detprune.pruning.core import PruneContext, PruneResult, layer_widths, make_report
+from detprune.pruning.base import PruneContext, PruneResult
+from detprune.pruning.procedures.oneshot import layer_widths, make_report
 from detprune.train.checkpoint import apply_history
 
 if TYPE_CHECKING:

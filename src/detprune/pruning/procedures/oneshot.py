@@ -1,8 +1,10 @@
-"""The pruning core: torch-pruning surgery to a target share of the baseline FLOPs.
+"""The one-shot procedure and the surgery every procedure shares: torch-pruning to a
+target share of the baseline FLOPs.
 
 A method (see :mod:`detprune.pruning.methods`) supplies an importance callable and a
-procedure; the procedures here are the one-shot ones: score, prune, done. Progressive
-and stage-wise procedures live beside their methods and reuse these pieces.
+procedure; :func:`oneshot` scores once, prunes, done. The progressive, stage-wise, GCP
+and from-scratch procedures beside this module reuse its pieces (:func:`prune_to_flops`,
+:func:`make_report`, :func:`accumulate_gradients`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,49 +20,14 @@ import torch_pruning as tp
 from torch import nn
 
 from detprune.evaluation.cost import count_macs
+from detprune.pruning.base import PruneContext, PruneResult
+from detprune.pruning.procedures.options import ONESHOT
+from detprune.utils.options import defaults
 
 if TYPE_CHECKING:
-    from detprune.models import ModelEntry
-    from detprune.pruning.methods import Method
+    from detprune.pruning.base import Batch, Method
 
 log = logging.getLogger("detprune.prune")
-Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
-
-
-@dataclass
-class PruneResult:
-    """The pruned model, its torch-pruning history and what was measured."""
-
-    model: nn.Module
-    history: list
-    report: dict[str, Any]
-
-
-@dataclass
-class PruneContext:
-    """Everything a pruning procedure may use.
-
-    ``options`` is the config's ``prune`` section with ``prune.options[<method>]``
-    merged in; ``batches()`` yields training batches (images, targets) on ``device``
-    for data-dependent criteria and progressive procedures; ``macs_fn`` counts the MACs
-    the way every table does; ``history`` is the torch-pruning history ``model`` was
-    rebuilt with (the input checkpoint's ``pruning_history``: empty for the baseline,
-    the source method's for a from-scratch control, which rebuilds those widths).
-    """
-
-    model: nn.Module
-    spec: dict[str, Any]
-    entry: ModelEntry
-    options: dict[str, Any]
-    seed: int
-    device: torch.device
-    batches: Callable[[], Iterator[Batch]]
-    example: torch.Tensor
-    macs_fn: Callable[[nn.Module], int]
-    ignored: list[str] = field(default_factory=list)
-    schedule: dict[str, Any] = field(default_factory=dict)
-    teacher: nn.Module | None = None
-    history: list = field(default_factory=list)
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -159,7 +125,7 @@ def make_pruner(
     )
 
 
-def _prune_once(
+def prune_once(
     model: nn.Module,
     example: torch.Tensor,
     importance: Any,
@@ -240,7 +206,7 @@ def prune_to_flops(
 
     def attempt(ratio: float, layer_ratios: dict[str, float] | None = None) -> float:
         nonlocal best
-        trial, history = _prune_once(model, example, importance, ratio, ignored, opts, layer_ratios)
+        trial, history = prune_once(model, example, importance, ratio, ignored, opts, layer_ratios)
         macs = macs_fn(trial)
         kept = macs / base
         err = abs(kept / target - 1)
@@ -295,11 +261,11 @@ def prune_to_flops(
 
 def oneshot(ctx: PruneContext, method: Method, target: float) -> PruneResult:
     """Score once (after task-loss gradients when the criterion needs them), prune, done."""
+    opts = {**defaults(ONESHOT), **ctx.options}
     if method.needs_gradients:
-        n = accumulate_gradients(ctx.model, ctx.batches(), ctx.options.get("calib_batches", 8))
+        n = accumulate_gradients(ctx.model, ctx.batches(), opts["calib_batches"])
         log.info("accumulated task-loss gradients over %d batches", n)
     importance = method.importance(ctx)
-    opts = ctx.options
     return prune_to_flops(
         ctx.model,
         importance=importance,
@@ -307,10 +273,10 @@ def oneshot(ctx: PruneContext, method: Method, target: float) -> PruneResult:
         example=ctx.example,
         ignored=ctx.ignored,
         macs_fn=ctx.macs_fn,
-        global_pruning=opts.get("global_pruning", True) and method.global_pruning,
-        max_layer_ratio=opts.get("max_layer_ratio", 0.9),
-        round_to=opts.get("round_to"),
-        tolerance=opts.get("tolerance", 0.02),
+        global_pruning=opts["global_pruning"] and method.global_pruning,
+        max_layer_ratio=opts["max_layer_ratio"],
+        round_to=opts["round_to"],
+        tolerance=opts["tolerance"],
     )
 
 

@@ -22,12 +22,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from detprune.pruning.core import PruneResult, make_report
+from detprune.pruning.base import PruneResult
 from detprune.pruning.importance.fisher import channel_groups, slots
+from detprune.pruning.importance.magnitude import GammaImportance
+from detprune.pruning.procedures.oneshot import make_report
+from detprune.pruning.procedures.options import GCP
+from detprune.utils.options import defaults
 
 if TYPE_CHECKING:
-    from detprune.pruning.base import Method
-    from detprune.pruning.core import PruneContext
+    from detprune.pruning.base import Method, PruneContext
 
 log = logging.getLogger("detprune.prune.gcp")
 _BN = nn.modules.batchnorm._BatchNorm
@@ -47,37 +50,6 @@ DEFAULT_FRACTIONS: dict[str, float] = {
     "head": 0.68,
 }
 FALLBACK_FRACTION = 0.5  # groups whose name is not in DEFAULT_FRACTIONS
-
-
-class GammaImportance(tp.importance.Importance):
-    """|gamma| of a coupled group's channels, max over its BatchNorms (OR-merge).
-
-    GCP (Niu et al. 2022) and Network Slimming (Liu et al., ICCV 2017). A group without
-    BatchNorm (FPN lateral convs, box-head linears) is scored by its mean L1 weight
-    magnitude divided by the group mean (about 1, the scale of unregularized gammas).
-    """
-
-    def __init__(self) -> None:
-        self.fallback = tp.importance.GroupMagnitudeImportance(
-            p=1, group_reduction="mean", normalizer="mean"
-        )
-
-    @torch.no_grad()
-    def __call__(self, group: tp.Group) -> torch.Tensor:
-        position = {int(r): i for i, r in enumerate(group[0].root_idxs)}
-        score: torch.Tensor | None = None
-        for item in group:
-            layer = item.dep.target.module
-            if not isinstance(layer, _BN) or layer.weight is None:
-                continue
-            gamma = layer.weight.detach().abs().float().cpu()[list(item.idxs)]
-            where = torch.tensor([position[int(r)] for r in item.root_idxs], dtype=torch.long)
-            if score is None:
-                score = torch.zeros(len(position))
-            score.scatter_reduce_(0, where, gamma, reduce="amax")
-        if score is None:
-            return self.fallback(group).float().cpu()
-        return score
 
 
 @dataclass
@@ -304,17 +276,18 @@ def group_fractions(groups: Mapping[str, Any], options: Mapping[str, Any]) -> di
 def gcp_prune(ctx: PruneContext, method: Method, target: float | None) -> PruneResult:
     """GCP's procedure: group thresholds, scaled by one bisected factor to ``target``.
 
-    Options (``prune.options.<method>``): ``fractions`` {group: fraction},
+    Options (``prune.options.<method>``, declared in
+    :data:`detprune.pruning.procedures.options.GCP`): ``fractions`` {group: fraction},
     ``min_channels``, ``fold_beta`` (true), ``max_trials`` (30); ``tolerance`` (2%)
     is the shared one. Without a target the fractions are used as given.
     """
-    opts = ctx.options
+    opts = {**defaults(GCP), **ctx.options}
     if not ctx.entry.groups:
         raise ValueError(f"{ctx.spec['name']}: the registry entry declares no GCP groups")
     fractions = group_fractions(ctx.entry.groups, opts)
-    given_min = opts.get("min_channels")
+    given_min = opts["min_channels"]
     min_ch = int(given_min) if given_min is not None else default_min_channels(ctx.model)
-    tolerance = float(opts.get("tolerance", 0.02))
+    tolerance = float(opts["tolerance"])
     inputs = (ctx.example,)
     ctx.model.eval()
     units = coupled_units(ctx.model, inputs, ctx.ignored, ctx.entry.groups)
@@ -338,7 +311,7 @@ def gcp_prune(ctx: PruneContext, method: Method, target: float | None) -> PruneR
     if target is not None:
         lo, hi = 0.0, 1.0 / max(min([f for f in fractions.values() if f > 0], default=1), 1e-6)
         best = (math.inf, 1.0)
-        for _ in range(int(opts.get("max_trials", 30))):
+        for _ in range(int(opts["max_trials"])):
             k = (lo + hi) / 2
             kept = kept_at(k)
             err = abs(kept / target - 1)
@@ -351,7 +324,7 @@ def gcp_prune(ctx: PruneContext, method: Method, target: float | None) -> PruneR
             lo, hi = (k, hi) if kept > target else (lo, k)
         scale = best[1]
     plan = select_channels(units, scaled(scale), min_ch)
-    pruned, history, folded = apply_plan(ctx.model, inputs, plan, fold=opts.get("fold_beta", True))
+    pruned, history, folded = apply_plan(ctx.model, inputs, plan, fold=opts["fold_beta"])
     macs = ctx.macs_fn(pruned)
     removed = {
         g: [

@@ -1,0 +1,115 @@
+"""The options of each pruning procedure, with defaults and types (no torch).
+
+``prune.options.<method>`` may set the keys its procedure declares here; the registry
+(:mod:`detprune.pruning.methods`) attaches them to each entry and the config check
+refuses any other key, or a value of the wrong type, when the config loads. The
+procedures start from :func:`~detprune.utils.options.defaults` of these declarations.
+"""
+
+from __future__ import annotations
+
+from detprune.utils.options import Option
+
+#: The allocation settings of the ``prune`` section, which ``prune.options.<method>``
+#: may set for one method; every procedure accepts them.
+SHARED: dict[str, Option] = {
+    "global_pruning": Option(True, help="rank channels over the whole network"),
+    "max_layer_ratio": Option(0.9, help="no layer loses more than this share"),
+    "round_to": Option(None, (int, None), help="keep channel counts multiples of this"),
+    "tolerance": Option(0.02, help="kept FLOPs within this (relative) of the target"),
+    "calib_batches": Option(8, help="batches for data-dependent criteria"),
+}
+
+#: One shot to the FLOPs target (:mod:`detprune.pruning.procedures.oneshot`).
+ONESHOT: dict[str, Option] = dict(SHARED)
+
+#: Progressive pruning, GroupFisher and MIEP (:mod:`detprune.pruning.procedures.progressive`).
+PROGRESSIVE: dict[str, Option] = {
+    **SHARED,
+    "interval": Option(5, help="training iterations between two pruning steps"),
+    "steps": Option(20, help="planned pruning steps to the target (~1/steps of what is left)"),
+    "channels_per_step": Option(
+        None, (int, None), help="a fixed channel count per step instead (shrunk near the end)"
+    ),
+    "max_steps": Option(200),
+    "lr_scale": Option(0.2, help="pruning-stage lr = train lr * lr_scale"),
+    # gradient-norm clipping of the pruning-stage steps (mmdetection's max_norm for its
+    # one-stage detectors); null: none. Without it miep-mse diverged on GFL at 10 % FLOPs
+    # (L_info 1.8 -> 18003 -> 2e29 in 15 iterations after the neck was pruned).
+    "clip_grad_norm": Option(35.0, (float, None)),
+    "normalize_flops": Option(
+        True, help="divide a group's importance by the MACs of one of its channels"
+    ),
+    "coupling": Option("shared_mask", help='coupled layers share one mask | "sum" of per-layer'),
+    "tli": Option(True),
+    "foi": Option(False),
+    "iri": Option(False),
+    "foi_optimize": Option(True, help="also add L_info to the training loss (else: pruning only)"),
+    "foi_weight": Option(1.0),
+    "foi_similarity": Option("cosine", help='"cosine" | "mse"'),
+    "foi_objectness": Option(True, help="Phi_obj weighting (False: Phi_pre only)"),
+    "foi_guide_bn": Option(
+        "batch", help='guide BN uses the batch statistics like the student | "eval"'
+    ),
+    "iri_algorithm": Option("hierarchical", help='"hierarchical" | "kmeans"'),
+    "iri_stop": Option("ratio", help='"ratio" | "distance"'),
+    "iri_ratio": Option(0.1),
+    "iri_distance": Option(0.8),
+    "iri_linkage": Option("ward"),
+    "iri_lambda": Option(2.0),
+}
+
+#: The auxiliary heads and default boxes of DCP/LCP, shared by the stage-wise procedure
+#: and LCP's fine-tuning loss.
+AUX_HEAD: dict[str, Option] = {
+    "m": Option("iou", (str, float), help="LCP's GIoU weight: IoU(B, A), or a number"),
+    "aux_channels": Option(64),
+    "roi_size": Option(3),
+    "anchor_scales": Option([2.0, 4.0, 8.0]),
+    "anchor_ratios": Option([0.5, 1.0, 2.0]),
+    "max_pos": Option(32, help="positive default boxes sampled per image"),
+    "neg_ratio": Option(3.0, help="negatives per positive (random, not hard-mined)"),
+}
+
+#: Stage-wise DCP/LCP (:mod:`detprune.pruning.procedures.stagewise`).
+STAGEWISE: dict[str, Option] = {
+    **SHARED,
+    "mse_weight": Option(1.0, help="DCP's code: weight of the reconstruction error"),
+    "alpha": Option(1.0, help="DCP's code: weight of the auxiliary loss"),
+    "num_aux_losses": Option(
+        3, help="DCP's code: auxiliary losses (the last stage uses the task loss)"
+    ),
+    "layer_lr": Option(0.01, help="DCP's code: lr of the layer-wise SGD on the selected weights"),
+    "m": AUX_HEAD["m"],
+    "allocation": Option("l1", help="METHODS entry whose FLOPs allocation gives the budgets"),
+    "batches": Option(2, help="calibration batches for the selection"),
+    "select_steps": Option(4, help="greedy rounds per group (>= budget: one channel per round)"),
+    "sgd_iters": Option(2, help="SGD steps on the selected weights after each round"),
+    "aux_batches": Option(4, help="batches the auxiliary heads are trained on"),
+    "aux_iters": Option(60, help="SGD steps training each stage's auxiliary head first"),
+    "aux_lr": Option(0.05),
+    **{k: v for k, v in AUX_HEAD.items() if k != "m"},
+}
+
+#: Group channel pruning (:mod:`detprune.pruning.procedures.gcp`).
+GCP: dict[str, Option] = {
+    **SHARED,
+    "fractions": Option(None, (dict, None), help="{group: fraction}, over the defaults"),
+    "min_channels": Option(None, (int, None), help="channels a layer keeps at least"),
+    "fold_beta": Option(True, help="fold removed BN channels' beta into the next layer"),
+    "max_trials": Option(30, help="bisection steps of the fraction scale"),
+}
+
+#: The from-scratch control (:mod:`detprune.pruning.procedures.scratch`).
+SCRATCH: dict[str, Option] = dict(SHARED)
+
+#: LCP's loss during fine-tuning (``finetune.methods.<m>.distill_options`` of ``lcp``,
+#: :mod:`detprune.pruning.lcp_loss`).
+LCP_LOSS: dict[str, Option] = {
+    "weight": Option(1.0, help="weight of L_a"),
+    "lr": Option(0.01),
+    "momentum": Option(0.9),
+    "weight_decay": Option(1e-4),
+    "seed": Option(0),
+    **AUX_HEAD,
+}
