@@ -113,7 +113,7 @@ def _preempt_training(proj: Path, smk: subprocess.Popen) -> str:
     """Once the train_baseline job's `detprune train` is up (its log exists: the signal
     handlers are in place), send SIGTERM to the job's steps, as `--signal=TERM@300` does
     before the time limit. Returns the SLURM job id."""
-    logf = proj / "results" / "logs" / "train.log"
+    logf = proj / "results" / "logs" / "train" / "seed0.log"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and smk.poll() is None:
         # the plugin's comment: rule_<rule>_wildcards_<values> (train_baseline's: results)
@@ -184,7 +184,7 @@ def test_tiny_dag_through_sbatch_equals_the_local_run(slurm, tmp_path):
         has_gpu = "gres/gpu=1" in runs[-1]["AllocTRES"]
         assert has_gpu == (name not in CPU_RULES), (name, runs[-1]["AllocTRES"])
     # the second attempt continued from the first one's resume point
-    assert "resumed from" in (proj / "results" / "logs" / "train.log").read_text()
+    assert "resumed from" in (proj / "results" / "logs" / "train" / "seed0.log").read_text()
 
     # the same numbers and the same weights as on this machine without SLURM
     for rel in W.metrics_files(cfg):

@@ -135,6 +135,7 @@ def test_cli_synth_and_check_dispatch_on_classification_data(tiny_config: dict, 
     cfg["data"]["synth_cls"] = {
         "num_train": 4,
         "num_val": 2,
+        "num_test": 2,
         "image_size": 48,
         "num_classes": 2,
         "seed": 1,
@@ -144,6 +145,7 @@ def test_cli_synth_and_check_dispatch_on_classification_data(tiny_config: dict, 
     cli.main(["data", "synth", "--config", str(path), "--out-dir", str(out)])
     assert len(list((out / "train").glob("*/*.png"))) == 4
     assert len(list((out / "val").glob("*/*.png"))) == 2
+    assert len(list((out / "test").glob("*/*.png"))) == 2  # the held-out split
     val = str(out / "val")
     cli.main(["data", "check", "--ann", val, "--images", val, "--out", str(tmp_path / "ok.json")])
     assert json.loads((tmp_path / "ok.json").read_text())["summary"]["num_images"] == 2
@@ -415,6 +417,7 @@ def test_stages_round_trip_on_the_synthetic_classification_set(tiny_config: dict
     cfg["data"]["synth_cls"] = {
         "num_train": 16,
         "num_val": 8,
+        "num_test": 8,
         "image_size": SIZE,
         "num_classes": K,
         "seed": 0,
@@ -427,7 +430,7 @@ def test_stages_round_trip_on_the_synthetic_classification_set(tiny_config: dict
     cfg = load_config(path)
     d = tmp_path / "data"
     cli.main(["data", "synth", "--config", str(path), "--out-dir", str(d)])
-    train, val = str(d / "train"), str(d / "val")
+    train, test = str(d / "train"), str(d / "test")
     base, pruned, tuned = (str(tmp_path / f"{n}.pt") for n in ("base", "pruned", "tuned"))
 
     stages.train(cfg, train, train, base)
@@ -444,8 +447,9 @@ def test_stages_round_trip_on_the_synthetic_classification_set(tiny_config: dict
     stages.finetune(cfg, "gcp-sad", pruned, base, train, train, str(tmp_path / "sad.pt"))
 
     out = tmp_path / "metrics.json"
-    stages.evaluate_checkpoint(cfg, tuned, val, val, str(out), "l1", 0.5)
+    stages.evaluate_checkpoint(cfg, tuned, test, test, str(out), "l1", 0.5)
     rec = json.loads(out.read_text())
+    assert rec["split"] == "test" and "bootstrap" not in rec  # accuracy: no AP resamples
     assert set(rec["metrics"]) == {"top1", "top5"}
     assert 0.0 <= rec["metrics"]["top1"] <= rec["metrics"]["top5"] <= 1.0
     assert rec["detector"] == NAME and rec["method"] == "l1" and rec["flops_target"] == 0.5
