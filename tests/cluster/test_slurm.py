@@ -165,8 +165,8 @@ def test_tiny_dag_through_sbatch_equals_the_local_run(slurm, tmp_path):
     print(json.dumps({**slurm, "sbatch_jobs": len(jobs), "workflow_wall_s": round(wall, 1)}))
 
     # every Snakemake job went through sbatch (plus the resubmitted training job) ...
-    n_jobs = 5 + len(W.regularizers(cfg)) + 3 * len(W.pruned_targets(cfg)) + 1
-    assert n_jobs == 10  # synth, 2 checks, train, evaluate, sparse, prune, finetune, eval, report
+    n_jobs = 6 + len(W.regularizers(cfg)) + 3 * len(W.pruned_targets(cfg)) + 1
+    assert n_jobs == 11  # synth, 3 checks, train, evaluate, sparse, prune, finetune, eval, report
     assert len(submitted) == n_jobs + 1
     assert sorted(j["JobIDRaw"] for j in jobs) == sorted(submitted)
     by_rule: dict[str, list[dict[str, str]]] = {}
