@@ -206,6 +206,34 @@ def carve_source(config: Mapping[str, Any]) -> dict[str, Any] | None:
     return {"ann": coco["train_ann"], "size": size, "seed": seed}
 
 
+#: Config keys only the workflow reads (which jobs exist, where, on how many threads): a
+#: ``--config`` override of them need not reach the config file every job reads.
+WORKFLOW_ONLY: tuple[str, ...] = ("seeds", "baseline_per_seed", "results", "threads", "extends")
+
+
+def config_drift(
+    config: Mapping[str, Any], file_config: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """Dotted keys where Snakemake's ``config`` differs from the file the jobs read.
+
+    ``--config key=value`` and a second ``--configfile`` change Snakemake's config, but
+    every job gets one config file (``--config {params.config}``): a difference outside
+    :data:`WORKFLOW_ONLY` means the jobs would run another configuration than the DAG
+    was planned with (and its parameters digested for).
+    """
+    out = []
+    for key in sorted(set(config) | set(file_config), key=str):
+        name = f"{prefix}{key}"
+        if not prefix and key in WORKFLOW_ONLY:
+            continue
+        a, b = config.get(key), file_config.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_drift(a, b, f"{name}.")
+        elif a != b:
+            out.append(name)
+    return out
+
+
 def seeds_of(config: Mapping[str, Any]) -> list[int]:
     """The seeds every prune -> fine-tune -> evaluate chain runs with: ``seeds`` as a count
     (``seed``, ``seed`` + 1, ...) or a list; by default the config's ``seed`` alone."""

@@ -147,3 +147,28 @@ def test_more_seeds_add_only_their_own_chains(root, monkeypatch):
     assert "train_seed1" not in stages
     assert "--seed 2" in stages["prune_l1_flops10_seed2"]["cmd"]
     assert "results/models/baseline/seed0.pt" in stages["prune_l1_flops10_seed2"]["deps"]
+
+
+def test_config_drift_names_the_keys_the_jobs_would_not_see():
+    from detprune.workflow import config_drift
+
+    file_cfg = {"seed": 0, "seeds": 1, "results": "results", "train": {"epochs": 12, "lr": 0.04}}
+    same = {**file_cfg, "seeds": 3, "results": "elsewhere", "extends": "config/config.yaml"}
+    assert config_drift(same, file_cfg) == []
+    changed = {**file_cfg, "train": {"epochs": 3, "lr": 0.04}, "report": {"name": "x"}}
+    assert config_drift(changed, file_cfg) == ["report", "train.epochs"]
+
+
+def test_a_config_override_that_jobs_would_not_see_stops_the_plan(root):
+    """`--config report={name: other}` would change the DAG's outputs but not the config
+    file every job reads: the workflow refuses it and names the key."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(BIN / "snakemake"), "-n", "--cores", "2", "--config"]
+    res = subprocess.run(
+        [*cmd, "report={name: other}"], cwd=root, capture_output=True, text=True, env=env
+    )
+    assert res.returncode != 0
+    assert "config/config.yaml: every job reads this file" in res.stderr + res.stdout
+    assert "['report.name']" in res.stderr + res.stdout
+    ok = subprocess.run([*cmd, "seeds=2"], cwd=root, capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr

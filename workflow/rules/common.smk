@@ -11,7 +11,7 @@ from pathlib import Path
 
 from detprune import experiments as E
 from detprune import workflow as W
-from detprune.config import check_names
+from detprune.config import check_names, load_config
 
 # What the schema cannot check (the Snakefile validated it): every method, regularizer,
 # distillation and model the config names exists, and their options are keys they
@@ -25,6 +25,13 @@ def _experiments():
         if "profile" in config:
             raise ValueError("config field 'profile' is set but 'table' is not")
         path = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
+        drift = W.config_drift(config, load_config(path))
+        if drift:
+            raise ValueError(
+                f"{path}: every job reads this file, but `--config` or another `--configfile` "
+                f"changed {drift} for the DAG only; put the changes in one config file "
+                "(`extends:` another) and pass it with --configfile"
+            )
         return {config["results"]: E.Experiment(config["results"], config)}, path, None
     if "profile" not in config:
         raise ValueError("config field 'table' needs 'profile' (mini or paper)")
