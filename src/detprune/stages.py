@@ -32,7 +32,12 @@ from detprune.train import checkpoint
 from detprune.train.distill import DISTILLERS
 from detprune.train.distributed import resolve_device
 from detprune.train.engine import fit, make_loader, predict
-from detprune.train.sparsity import REGULARIZERS, SparsityContext
+from detprune.train.sparsity import (
+    REGULARIZERS,
+    SparsityContext,
+    describe_gammas,
+    gamma_histogram,
+)
 from detprune.utils.io import write_json
 from detprune.utils.provenance import provenance
 from detprune.utils.seed import seed_everything
@@ -198,7 +203,9 @@ def sparse(
     train_images: str,
     out: str,
 ) -> dict[str, Any]:
-    """Sparse training of the baseline with ``regularizer`` (its own cached stage)."""
+    """Sparse training of the baseline with ``regularizer`` (its own cached stage); the
+    checkpoint's meta ``gamma`` holds the BN |gamma| distribution before and after
+    (:func:`detprune.train.sparsity.gamma_histogram`), also logged."""
     seed_everything(config["seed"])
     if regularizer not in REGULARIZERS:
         raise KeyError(
@@ -227,6 +234,15 @@ def sparse(
     meta["fingerprint"] = _fingerprint(
         sched=sched, reg=regularizer, options=options, seed=config["seed"], init=_sha256(ckpt_path)
     )
+    before = gamma_histogram(model)
+    log.info("sparse %s, before: %s", regularizer, describe_gammas(before))
+
+    def gamma_meta(trained: torch.nn.Module) -> dict[str, Any]:
+        """The |gamma| distribution before and after, in the checkpoint's meta."""
+        after = gamma_histogram(trained)
+        log.info("sparse %s, after: %s", regularizer, describe_gammas(after))
+        return {"gamma": {"before": before, "after": after}}
+
     return fit(
         model,
         spec=spec,
@@ -237,6 +253,7 @@ def sparse(
         out=Path(out),
         meta=meta,
         grad_hook=hook,
+        final_meta=gamma_meta,
     )
 
 

@@ -1,5 +1,6 @@
 """GCP: group thresholds, coupled scores, beta folding, and the method on the detector."""
 
+from math import ceil
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,17 @@ from detprune.pruning.procedures.gcp import (
     Unit,
     apply_plan,
     coupled_units,
+    layer_floor,
     layer_minimum,
     scale_group_of,
     select_channels,
+)
+from detprune.pruning.procedures.gcp_alloc import (
+    bisect_scale,
+    fraction_ceiling,
+    max_scale,
+    saturated,
+    scale_fractions,
 )
 from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.train import checkpoint
@@ -26,6 +35,14 @@ from detprune.train import checkpoint
 NAME = "fasterrcnn_narrow_fpn"
 SIZE = 64
 IGNORED = list(MODELS[NAME].ignored_layers)
+# layers the saturating allocation cut to 4 channels at 10 % FLOPs (issue 21)
+STARVED = (
+    "backbone.fpn.layer_blocks.0.0",
+    "rpn.head.conv.0.0",
+    "roi_heads.box_head.fc6",
+    "roi_heads.box_head.fc7",
+    "backbone.body.layer4.0.conv1",
+)
 
 
 # --- group thresholds -----------------------------------------------------------------
@@ -43,6 +60,20 @@ def test_threshold_removes_the_lowest_fraction_of_the_group():
     assert select_channels(units, {"g": 0.5}, 3) == {"a": [1], "b": [2]}
     assert layer_minimum(256, 4) == 4 and layer_minimum(2048, 16) == 21
     assert layer_minimum(3, 16) == 3
+    # max_layer_ratio: a layer keeps ceil((1 - r) * C) too, so at fraction 1 each of the
+    # 4-channel layers loses its 2 (r = 0.5) or 3 (r = 0.75) lowest channels
+    assert select_channels(units, {"g": 1.0}, 1, max_layer_ratio=0.5) == {"a": [1, 3], "b": [0, 2]}
+    full = select_channels(units, {"g": 1.0}, 1, max_layer_ratio=0.75)
+    assert full == {"a": [1, 2, 3], "b": [0, 2, 3]}
+
+
+def test_layer_floor_is_the_larger_of_the_authors_minimum_and_max_layer_ratio():
+    assert layer_floor(256, 4, 0.9) == 26  # fc6 of the default detector: 26, not 4
+    assert layer_floor(2048, 16, 0.9) == 205
+    assert layer_floor(30, 2, 0.9) == 3  # (1 - 0.9) * 30 is 2.9999999999999996
+    assert layer_floor(30, 4, 0.9) == 4  # the authors' minimum when it is larger
+    assert layer_floor(3, 16, 0.9) == 3  # never more than the layer has
+    assert layer_floor(256, 4) == layer_floor(256, 4, 1.0) == layer_minimum(256, 4) == 4
 
 
 def test_scale_group_is_the_longest_prefix_match():
@@ -53,11 +84,11 @@ def test_scale_group_is_the_longest_prefix_match():
     assert scale_group_of("roi_heads.fc6", groups) is None
 
 
-@pytest.fixture(scope="module")
-def detector():
-    """The CPU detector with sparse-looking scales: half of every BN's |gamma| ~ 1e-3."""
+def _sparse_looking(size: int):
+    """The CPU detector at ``size`` px with sparse-looking scales: half of every BN's
+    |gamma| ~ 1e-3, the rest in [0.5, 1.5), so the |gamma| ranking is not arbitrary."""
     torch.manual_seed(0)
-    spec = checkpoint.model_spec(NAME, 3, {"image_size": SIZE})
+    spec = checkpoint.model_spec(NAME, 3, {"image_size": size})
     model = build_model(NAME, 3, spec["kwargs"]).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -68,6 +99,19 @@ def detector():
                 m.weight[small] = 1e-3 * torch.rand(int(small.sum()), generator=gen)
                 m.bias.copy_(0.1 * torch.randn(m.num_features, generator=gen))
     return spec, model
+
+
+@pytest.fixture(scope="module")
+def detector():
+    """The detector at 64 px (fast)."""
+    return _sparse_looking(SIZE)
+
+
+@pytest.fixture(scope="module")
+def default_detector():
+    """The detector at the registry's own 128 px, where the FLOPs split of the default
+    run (backbone vs. RoI head) is that of the 10 % collapse."""
+    return _sparse_looking(MODELS[NAME].image_size)
 
 
 def test_group_fraction_and_per_layer_minimum_on_the_detector(detector):
@@ -92,6 +136,10 @@ def test_group_fraction_and_per_layer_minimum_on_the_detector(detector):
     full = select_channels(units, {"stride32": 1.0}, 4)
     for u in by_group["stride32"]:
         assert len(full[u.root]) == len(u.scores) - 4  # 4 channels stay per layer
+    # with max_layer_ratio 0.9 a layer keeps 10 % (26 of layer4's 256), not 4 channels
+    capped = select_channels(units, {"stride32": 1.0}, 4, max_layer_ratio=0.9)
+    for u in by_group["stride32"]:
+        assert len(u.scores) - len(capped[u.root]) == layer_floor(len(u.scores), 4, 0.9) == 26
 
 
 def test_coupled_scores_are_the_max_of_the_coupled_bns(detector):
@@ -205,16 +253,17 @@ def test_folding_through_a_residual_sum_of_removed_channels():
 # --- the method on the detector -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pruned_detector(detector):
+def _gcp(detector, target: float | None, **options):
+    """GCP (prune.options.gcp = ``options``) on the detector fixture at ``target``."""
     spec, model = detector
     entry = MODELS[NAME]
-    macs_fn = macs_counter(SIZE, entry.per_roi_modules, spec["kwargs"]["rpn_post_nms_top_n_test"])
+    size, rois = spec["kwargs"]["image_size"], spec["kwargs"]["rpn_post_nms_top_n_test"]
+    macs_fn = macs_counter(size, entry.per_roi_modules, rois)
     ctx = PruneContext(
         model=model,
         spec=spec,
         entry=entry,
-        options={"tolerance": 0.02},
+        options={"tolerance": 0.02, **options},
         seed=0,
         device=torch.device("cpu"),
         batches=lambda: iter(()),
@@ -223,7 +272,14 @@ def pruned_detector(detector):
         ignored=list(entry.ignored_layers),
     )
     method = METHODS["gcp"]
-    return spec, model, method.procedure(ctx, method, 0.5), macs_fn
+    return method.procedure(ctx, method, target), macs_fn
+
+
+@pytest.fixture(scope="module")
+def pruned_detector(detector):
+    spec, model = detector
+    result, macs_fn = _gcp(detector, 0.5)
+    return spec, model, result, macs_fn
 
 
 def test_gcp_reaches_half_the_flops_and_is_physically_smaller(pruned_detector):
@@ -235,16 +291,130 @@ def test_gcp_reaches_half_the_flops_and_is_physically_smaller(pruned_detector):
     layers = result.report["layers"]
     for name in MODELS[NAME].ignored_layers:
         assert layers[name][0] == layers[name][1]
-    assert all(after >= min(4, before) for after, before in layers.values())
+    assert all(after >= layer_floor(before, 4, 0.9) for after, before in layers.values())
     assert layers["backbone.body.layer4.0.conv1"][0] < 256
     removed = result.report["removed_per_group"]
     assert all(removed[g][0] > 0 for g in MODELS[NAME].groups)
     share = {g: r / n for g, (r, n) in removed.items()}
     assert share["stride4"] < share["stride32"]  # shallow stages pruned least
     assert result.report["beta_folding"]["folded"] > 0
-    # at 50 % the scaled fractions stay below 1: no group is cut to the per-layer minimum
-    assert result.report["saturated_groups"] == []
-    assert all(f < 1.0 for f in result.report["fractions"].values())
+    _check_capped_allocation(result.report, 0.9)
+
+
+def _check_capped_allocation(report: dict, cap: float) -> None:
+    """Every group's fraction is min(cap, f * scale), the groups at the cap are the
+    saturated ones, and every coupled group keeps at least its floor."""
+    given, used, scale = report["fractions_given"], report["fractions"], report["scale"]
+    assert report["fraction_cap"] == cap and report["fraction_allocation"] == "capped"
+    assert all(used[g] == pytest.approx(min(cap, f * scale)) for g, f in given.items())
+    assert all(f <= cap for f in used.values())
+    assert report["saturated_groups"] == sorted(g for g, f in used.items() if f >= cap)
+    for g, rec in report["groups"].items():
+        assert rec["fraction"] == used[g] and rec["saturated"] == (g in report["saturated_groups"])
+        assert [rec["removed"], rec["total"]] == report["removed_per_group"][g]
+        assert rec["total"] - rec["removed"] == sum(k for k, _ in rec["layers"].values())
+        for root, (kept, total) in rec["layers"].items():
+            assert kept >= layer_floor(total, report["min_channels"], cap), root
+            assert report["layers"][root] == [kept, total]
+
+
+@pytest.fixture(scope="module")
+def pruned_to_10(default_detector):
+    return _gcp(default_detector, 0.1)
+
+
+def test_gcp_at_10_percent_spreads_the_target_under_the_cap(default_detector, pruned_to_10):
+    (result, macs_fn), (_, model) = pruned_to_10, default_detector
+    report = result.report
+    kept = macs_fn(result.model) / macs_fn(model)
+    assert abs(kept / 0.1 - 1) <= 0.02
+    assert report["flops_kept"] == pytest.approx(kept)
+    assert report["max_layer_ratio"] == 0.9 and report["min_channels"] == 4
+    _check_capped_allocation(report, 0.9)
+    # the defect of the saturating rule: groups at 1, whose layers kept 4 channels each.
+    # Under the cap some groups saturate at 0.9 and the others take up the rest.
+    at_cap = report["saturated_groups"]
+    assert at_cap and set(at_cap) < set(MODELS[NAME].groups)
+    used, given = report["fractions"], report["fractions_given"]
+    assert all(used[g] > given[g] for g in MODELS[NAME].groups if g not in at_cap)
+    layers = report["layers"]
+    # the layers the saturating rule cut to 4 channels keep 10 % of their width
+    assert all(layers[name][0] >= ceil(0.1 * layers[name][1]) for name in STARVED)
+    assert all(after >= layer_floor(before, 4, 0.9) for after, before in layers.values())
+
+
+def test_saturating_allocation_reproduces_the_old_collapse(default_detector):
+    result, _ = _gcp(default_detector, 0.1, allocation="saturating", max_layer_ratio=1.0)
+    report = result.report
+    assert report["fraction_cap"] == 1.0 and report["fraction_allocation"] == "saturating"
+    used, given, scale = report["fractions"], report["fractions_given"], report["scale"]
+    assert all(used[g] == pytest.approx(min(1.0, f * scale)) for g, f in given.items())
+    assert report["saturated_groups"] and all(used[g] == 1.0 for g in report["saturated_groups"])
+    # a group at fraction 1 keeps only the authors' minimum: 4 channels per layer, among
+    # them FPN, RPN conv, fc6 / fc7 and layer4 (0.0 mAP after fine-tuning in the default run)
+    assert {"head", "neck", "stride32"} <= set(report["saturated_groups"])
+    assert all(report["layers"][name][0] == 4 for name in STARVED)
+    starved = [
+        kept
+        for g in report["saturated_groups"]
+        for kept, total in report["groups"][g]["layers"].values()
+        if total >= 64
+    ]
+    assert starved and all(k == 4 for k in starved)
+
+
+def test_unreachable_target_fails_with_the_best_share_and_the_option(default_detector):
+    with pytest.raises(ValueError) as err:
+        _gcp(default_detector, 0.001)
+    msg = str(err.value)
+    assert "cannot reach 0.001 of the FLOPs" in msg and "at fraction 0.9" in msg
+    best = float(msg.split("keeps ")[1].split(" at best")[0])
+    assert 0.001 < best < 0.1
+    assert "max_layer_ratio" in msg and "min_channels" in msg
+    with pytest.raises(ValueError, match="allocation"):
+        _gcp(default_detector, 0.5, allocation="proportional")
+
+
+# --- the allocation alone -------------------------------------------------------------
+
+
+def _linear_kept(fractions):
+    """A model whose FLOPs share falls by half the mean of the two groups' fractions."""
+
+    def kept_at(k: float, ceiling: float) -> float:
+        f = scale_fractions(fractions, k, ceiling)
+        return 1 - 0.5 * (f["a"] + f["b"])
+
+    return kept_at
+
+
+def test_bisection_water_fills_the_groups_below_the_cap():
+    fractions = {"a": 0.2, "b": 0.8}
+    kept_at = _linear_kept(fractions)
+    # target 0.2: a + b = 1.6; b stops at the cap 0.9, so a takes 0.7 (k = 3.5)
+    k, trials = bisect_scale(
+        lambda k: kept_at(k, 0.9), fractions, 0.2, ceiling=0.9, tolerance=0.02, max_trials=60
+    )
+    f = scale_fractions(fractions, k, 0.9)
+    assert f["b"] == 0.9 and f["a"] == pytest.approx(0.7, abs=0.01)
+    assert saturated(fractions, f, 0.9) == ["b"]
+    assert trials[0]["scale"] == pytest.approx(max_scale(fractions, 0.9))
+    assert trials[0]["kept"] == pytest.approx(0.1)
+    # the upper bound takes every group to the cap, the smallest one included
+    assert scale_fractions(fractions, max_scale(fractions, 0.9), 0.9) == {"a": 0.9, "b": 0.9}
+    # saturating: b stops at 1, a takes 0.6
+    k, _ = bisect_scale(
+        lambda k: kept_at(k, 1.0), fractions, 0.2, ceiling=1.0, tolerance=0.02, max_trials=60
+    )
+    assert scale_fractions(fractions, k, 1.0)["a"] == pytest.approx(0.6, abs=0.01)
+    # below 0.1 even both groups at 0.9 cannot go
+    with pytest.raises(ValueError, match=r"cannot reach 0\.050 .* keeps 0\.1000 at best"):
+        bisect_scale(
+            lambda k: kept_at(k, 0.9), fractions, 0.05, ceiling=0.9, tolerance=0.02, max_trials=9
+        )
+    assert fraction_ceiling("capped", 0.8) == 0.8 and fraction_ceiling("saturating", 0.8) == 1.0
+    with pytest.raises(ValueError, match="allocation"):
+        fraction_ceiling("greedy", 0.9)
 
 
 def test_gcp_model_runs_and_reloads_to_identical_outputs(pruned_detector, tmp_path: Path):
@@ -312,10 +482,11 @@ def test_gcp_through_the_prune_stage_with_configured_fractions(
         str(tmp_path / "p.json"),
     )
     assert abs(record["flops_kept"] / 0.5 - 1) <= 0.02
-    used = record["fractions"]
-    ratio = used["stride32"] / 0.9
-    assert all(used[g] == pytest.approx(min(1.0, f * ratio)) for g, f in fractions.items())
-    assert record["saturated_groups"] == sorted(g for g, f in fractions.items() if f * ratio >= 1)
+    used, scale = record["fractions"], record["scale"]
+    # each configured fraction scaled by one factor, at most max_layer_ratio (0.9)
+    assert all(used[g] == pytest.approx(min(0.9, f * scale)) for g, f in fractions.items())
+    assert record["saturated_groups"] == sorted(g for g, f in used.items() if f >= 0.9)
+    assert record["fractions_given"] == fractions
     reloaded, _ = checkpoint.load_model(tmp_path / "p.pt")
     assert count_params(reloaded) == record["params_after"]
     with pytest.raises(KeyError, match="unknown groups"):
@@ -349,3 +520,17 @@ def test_a_groupnorm_unit_loses_whole_slots():
     assert plan == {"conv": [1, 2, 5, 6]}
     plan = select_channels([unit], {"neck": 1.0}, min_channels=1)
     assert plan == {"conv": [1, 2, 5, 6]}  # at most block - 2 slots: 2 channels per block stay
+
+
+def test_a_groupnorm_unit_keeps_the_max_layer_ratio_floor_in_whole_slots():
+    # two blocks of 6; slot means: 0.8, 0.15, 0.45, 0.7, 0.325, 0.55
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.8, 0.3, 0.6, 0.7, 0.2, 0.4, 0.6, 0.35, 0.5])
+    unit = Unit("conv", "neck", scores, channel_groups=2)
+    # no ratio floor: block - 2 = 4 slots go (1, 4, 2, 5 in both blocks)
+    assert select_channels([unit], {"neck": 1.0}, 1) == {"conv": [1, 2, 4, 5, 7, 8, 10, 11]}
+    # max_layer_ratio 0.5: 6 of the 12 channels stay, so only 3 slots go
+    plan = select_channels([unit], {"neck": 1.0}, 1, max_layer_ratio=0.5)
+    assert plan == {"conv": [1, 2, 4, 7, 8, 10]}
+    # 0.9 asks for at least 2 channels: the 2-per-block rule is the tighter one
+    plan = select_channels([unit], {"neck": 1.0}, 1, max_layer_ratio=0.9)
+    assert plan == {"conv": [1, 2, 4, 5, 7, 8, 10, 11]}

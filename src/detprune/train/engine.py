@@ -29,6 +29,7 @@ from detprune.train import distributed as D
 log = logging.getLogger("detprune.train")
 LossHook = Callable[[nn.Module, list, list, dict], dict]
 GradHook = Callable[[nn.Module, float], None]
+MetaHook = Callable[[nn.Module], Mapping[str, Any]]
 
 
 def make_loader(
@@ -338,8 +339,10 @@ def fit(
     meta: dict[str, Any],
     loss_hook: LossHook | None = None,
     grad_hook: GradHook | None = None,
+    final_meta: MetaHook | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` for ``sched['epochs']`` epochs and write the final checkpoint ``out``.
+    """Train ``model`` for ``sched['epochs']`` epochs and write the final checkpoint ``out``
+    (its meta: ``meta``, the training log, and ``final_meta(model)`` of the trained model).
 
     After every epoch a resume checkpoint ``<out>.resume.pt`` is written; a later call
     with the same ``meta['fingerprint']`` (and number of processes) continues from it. On
@@ -354,7 +357,18 @@ def fit(
     ctx = D.setup(sched.get("device", "auto"))
     try:
         return _fit(
-            ctx, model, spec, history, sched, train_set, seed, out, meta, loss_hook, grad_hook
+            ctx,
+            model,
+            spec,
+            history,
+            sched,
+            train_set,
+            seed,
+            out,
+            meta,
+            loss_hook,
+            grad_hook,
+            final_meta,
         )
     finally:
         D.teardown(ctx)
@@ -372,6 +386,7 @@ def _fit(
     meta: dict[str, Any],
     loss_hook: LossHook | None,
     grad_hook: GradHook | None,
+    final_meta: MetaHook | None,
 ) -> dict[str, Any]:
     device, epochs, batch = ctx.device, sched["epochs"], sched["batch_size"]
     if ctx.world > 1:
@@ -447,7 +462,11 @@ def _fit(
             spec=spec,
             model=model,
             history=history,
-            meta={**meta, "train_log": _canonical(tr.log)},
+            meta={
+                **meta,
+                **(final_meta(model) if final_meta else {}),
+                "train_log": _canonical(tr.log),
+            },
             epoch=epochs,
         )
         resume.unlink(missing_ok=True)

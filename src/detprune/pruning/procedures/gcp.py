@@ -3,10 +3,13 @@
 Niu et al., "Group channel pruning and spatial attention distilling for object
 detection", Applied Intelligence 2022 (arXiv 2306.01526). The detector is split into
 groups by feature scale and module type (the registry entry's ``groups``); every group
-has its own pruning fraction, turned into a |gamma| threshold within the group; each
-layer keeps at least max(1% of its channels, ``min_channels``); coupled layers share
-one mask (torch-pruning groups, scored by the max |gamma| of their BNs: the OR-merge of
-the authors' masks), and the beta of removed BN channels is folded into the next layer.
+has its own pruning fraction (:mod:`detprune.pruning.procedures.gcp_alloc` spreads a
+FLOPs target over them, each at most ``max_layer_ratio``), turned into a |gamma|
+threshold within the group; each layer keeps at least max(1% of its channels,
+``min_channels``) (the authors' floor) and ceil((1 - ``max_layer_ratio``) * C) (every
+other method's); coupled layers share one mask (torch-pruning groups, scored by the max
+|gamma| of their BNs: the OR-merge of the authors' masks), and the beta of removed BN
+channels is folded into the next layer.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,16 @@ from torch import nn
 from detprune.pruning.base import PruneResult
 from detprune.pruning.importance.fisher import channel_groups, slots
 from detprune.pruning.importance.magnitude import GammaImportance
+from detprune.pruning.procedures.gcp_alloc import (
+    bisect_scale,
+    floor_share,
+    fraction_ceiling,
+    group_fractions,
+    group_report,
+    saturated,
+    scale_fractions,
+    summary_line,
+)
 from detprune.pruning.procedures.oneshot import make_report
 from detprune.pruning.procedures.options import GCP
 from detprune.utils.options import defaults
@@ -35,21 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("detprune.prune.gcp")
 _BN = nn.modules.batchnorm._BatchNorm
 ROOT_TYPES = (nn.Conv2d, nn.Linear)
-
-# Relative fractions in the pattern of the authors' YOLOv4 setting (0.18 / 0.50 / 0.97
-# for the shallow, middle and deep backbone, 0.865 / 0.68 for the neck parts): shallow
-# stages lose least, deep stages most. A FLOPs target rescales them by one factor.
-DEFAULT_FRACTIONS: dict[str, float] = {
-    "stride2": 0.1,
-    "stride4": 0.18,
-    "stride8": 0.34,
-    "stride16": 0.5,
-    "stride32": 0.97,
-    "stride64": 0.97,
-    "neck": 0.865,
-    "head": 0.68,
-}
-FALLBACK_FRACTION = 0.5  # groups whose name is not in DEFAULT_FRACTIONS
+Plan = dict[str, list[int]]  # root layer -> the channel indices it loses
 
 
 @dataclass
@@ -97,18 +96,30 @@ def coupled_units(
 
 
 def layer_minimum(channels: int, min_channels: int) -> int:
-    """Channels a layer keeps at least: max(1% of C, ``min_channels``), at most C."""
+    """The authors' floor: max(1% of C, ``min_channels``) channels, at most C."""
     return min(channels, max(math.ceil(0.01 * channels), min_channels))
 
 
+def layer_floor(channels: int, min_channels: int, max_layer_ratio: float = 1.0) -> int:
+    """Channels a layer keeps at least: the authors' :func:`layer_minimum` and, as in every
+    other method, ceil((1 - ``max_layer_ratio``) * C); at most C. ``max_layer_ratio`` 1
+    leaves the authors' floor alone."""
+    share = floor_share(channels, max_layer_ratio)
+    return min(channels, max(layer_minimum(channels, min_channels), share))
+
+
 def select_channels(
-    units: Sequence[Unit], fractions: Mapping[str, float], min_channels: int
+    units: Sequence[Unit],
+    fractions: Mapping[str, float],
+    min_channels: int,
+    *,
+    max_layer_ratio: float = 1.0,
 ) -> dict[str, list[int]]:
     """Channels to remove per coupled group (root name -> root channel indices).
 
     Within a scale group the ``round(fraction * N)`` lowest-scored of its N channels go
     (ties: earlier group, then lower index), i.e. everything under the group's |gamma|
-    threshold, except that a coupled group keeps its ``layer_minimum`` best channels.
+    threshold, except that a coupled group keeps its :func:`layer_floor` best channels.
     """
     plan: dict[str, list[int]] = {}
     for name, frac in fractions.items():
@@ -122,7 +133,8 @@ def select_channels(
         chosen = torch.argsort(scores, stable=True)[:n_remove]  # ascending score
         for i, unit in enumerate(members):
             picked = chan[chosen[owner[chosen] == i]]  # in ascending score order
-            cap = len(unit.scores) - layer_minimum(len(unit.scores), min_channels)
+            width = len(unit.scores)
+            cap = width - layer_floor(width, min_channels, max_layer_ratio)
             if unit.channel_groups > 1:
                 picked = _slot_wise(unit, min(len(picked), max(cap, 0)))
             if cap > 0 and len(picked):
@@ -258,19 +270,39 @@ def default_min_channels(model: nn.Module) -> int:
     return 16 if widest >= 512 else 4
 
 
-def group_fractions(groups: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
-    """The defaults for the entry's groups, overridden by ``options['fractions']``."""
-    given = dict(options.get("fractions") or {})
-    unknown = sorted(set(given) - set(groups))
-    if unknown:
-        raise KeyError(
-            f"prune.options.<gcp>.fractions: unknown groups {unknown}; known: {sorted(groups)}"
-        )
-    out = {g: float(given.get(g, DEFAULT_FRACTIONS.get(g, FALLBACK_FRACTION))) for g in groups}
-    bad = {g: f for g, f in out.items() if not 0 <= f <= 1}
-    if bad:
-        raise ValueError(f"prune.options.<gcp>.fractions: not in [0, 1]: {bad}")
-    return out
+def _kept_counter(
+    ctx: PruneContext, inputs: tuple, plan_at: Callable[[float], Plan], base: int
+) -> Callable[[float], float]:
+    """``kept_at(k)``: the MACs share the plan of factor k keeps (cached by plan)."""
+    cache: dict[str, float] = {}
+
+    def kept_at(k: float) -> float:
+        plan = plan_at(k)
+        key = repr(sorted(plan.items()))
+        if key not in cache:
+            trial, _, _ = apply_plan(ctx.model, inputs, plan, fold=False)
+            cache[key] = ctx.macs_fn(trial) / base
+        return cache[key]
+
+    return kept_at
+
+
+def _settings(ctx: PruneContext) -> dict[str, Any]:
+    """The GCP options of ``ctx`` over their defaults, resolved: the entry's group
+    ``fractions``, ``min_channels``, and the fraction ``ceiling`` of the ``allocation``."""
+    opts = {**defaults(GCP), **ctx.options}
+    if not ctx.entry.groups:
+        raise ValueError(f"{ctx.spec['name']}: the registry entry declares no GCP groups")
+    given, ratio = opts["min_channels"], float(opts["max_layer_ratio"])
+    min_ch = int(given) if given is not None else default_min_channels(ctx.model)
+    return {
+        **opts,
+        "fractions": group_fractions(ctx.entry.groups, opts),
+        "min_channels": min_ch,
+        "max_layer_ratio": ratio,
+        "ceiling": fraction_ceiling(str(opts["allocation"]), ratio),
+        "tolerance": float(opts["tolerance"]),
+    }
 
 
 def gcp_prune(ctx: PruneContext, method: Method, target: float | None) -> PruneResult:
@@ -278,83 +310,61 @@ def gcp_prune(ctx: PruneContext, method: Method, target: float | None) -> PruneR
 
     Options (``prune.options.<method>``, declared in
     :data:`detprune.pruning.procedures.options.GCP`): ``fractions`` {group: fraction},
-    ``min_channels``, ``fold_beta`` (true), ``max_trials`` (30); ``tolerance`` (2%)
-    is the shared one. Without a target the fractions are used as given.
+    ``allocation`` ("capped": no group above ``max_layer_ratio``, the rest water-filled;
+    "saturating": groups up to 1, the earlier rule), ``min_channels``, ``fold_beta``
+    (true), ``max_trials`` (30); ``max_layer_ratio`` (0.9: the fraction cap and the
+    per-layer floor) and ``tolerance`` (2%) are the shared ones. Without a target the
+    fractions are used as given (at most the cap).
     """
-    opts = {**defaults(GCP), **ctx.options}
-    if not ctx.entry.groups:
-        raise ValueError(f"{ctx.spec['name']}: the registry entry declares no GCP groups")
-    fractions = group_fractions(ctx.entry.groups, opts)
-    given_min = opts["min_channels"]
-    min_ch = int(given_min) if given_min is not None else default_min_channels(ctx.model)
-    tolerance = float(opts["tolerance"])
+    s = _settings(ctx)
+    fractions, ceiling, ratio = s["fractions"], s["ceiling"], s["max_layer_ratio"]
     inputs = (ctx.example,)
     ctx.model.eval()
     units = coupled_units(ctx.model, inputs, ctx.ignored, ctx.entry.groups)
     base = ctx.macs_fn(ctx.model)
 
-    def scaled(k: float) -> dict[str, float]:
-        return {g: min(1.0, f * k) for g, f in fractions.items()}
+    def plan_at(k: float) -> Plan:
+        scaled = scale_fractions(fractions, k, ceiling)
+        return select_channels(units, scaled, s["min_channels"], max_layer_ratio=ratio)
 
-    cache: dict[str, float] = {}
-
-    def kept_at(k: float) -> float:
-        plan = select_channels(units, scaled(k), min_ch)
-        key = repr(sorted(plan.items()))
-        if key not in cache:
-            trial, _, _ = apply_plan(ctx.model, inputs, plan, fold=False)
-            cache[key] = ctx.macs_fn(trial) / base
-        return cache[key]
-
-    trials: list[dict[str, float]] = []
-    scale = 1.0
+    scale, trials = 1.0, []
     if target is not None:
-        lo, hi = 0.0, 1.0 / max(min([f for f in fractions.values() if f > 0], default=1), 1e-6)
-        best = (math.inf, 1.0)
-        for _ in range(int(opts["max_trials"])):
-            k = (lo + hi) / 2
-            kept = kept_at(k)
-            err = abs(kept / target - 1)
-            trials.append({"scale": k, "kept": kept})
-            log.info("GCP scale %.4f keeps %.4f of MACs (target %.3f)", k, kept, target)
-            if err < best[0]:
-                best = (err, k)
-            if err <= tolerance / 4:
-                break
-            lo, hi = (k, hi) if kept > target else (lo, k)
-        scale = best[1]
-    plan = select_channels(units, scaled(scale), min_ch)
-    pruned, history, folded = apply_plan(ctx.model, inputs, plan, fold=opts["fold_beta"])
-    macs = ctx.macs_fn(pruned)
-    removed = {
-        g: [
-            sum(len(plan.get(u.root, [])) for u in units if u.group == g),
-            sum(len(u.scores) for u in units if u.group == g),
-        ]
-        for g in fractions
-    }
-    # a group scaled to a fraction of 1 keeps only the per-layer minimum: the relative
-    # fractions do not suit this detector at this target (set prune.options.<m>.fractions)
-    saturated = sorted(g for g, f in scaled(scale).items() if f >= 1.0 and fractions[g] < 1.0)
-    if saturated:
-        log.warning(
-            "GCP: groups %s scaled to fraction 1 keep only %d channels per layer",
-            saturated,
-            min_ch,
+        kept_at = _kept_counter(ctx, inputs, plan_at, base)
+        scale, trials = bisect_scale(
+            kept_at,
+            fractions,
+            target,
+            ceiling=ceiling,
+            tolerance=s["tolerance"],
+            max_trials=int(s["max_trials"]),
         )
+    plan = plan_at(scale)
+    pruned, history, folded = apply_plan(ctx.model, inputs, plan, fold=s["fold_beta"])
+    macs = ctx.macs_fn(pruned)
+    scaled = scale_fractions(fractions, scale, ceiling)
+    at_cap = saturated(fractions, scaled, ceiling)
+    groups = group_report(units, plan, scaled, at_cap)
+    log.info("%s", summary_line(groups, ceiling, macs / base))
+    if at_cap and ceiling >= 1.0:
+        log.warning("GCP: groups %s at fraction 1 keep only the per-layer floor", at_cap)
     report = make_report(
         ctx.model,
         pruned,
         target if target is not None else macs / base,
         base,
         macs,
-        tolerance,
-        allocation="gcp-groups",
+        s["tolerance"],
+        allocation=f"gcp-groups ({s['allocation']}, fractions at most {ceiling:g})",
+        fraction_allocation=s["allocation"],
+        fraction_cap=ceiling,
         scale=scale,
-        fractions=scaled(scale),
-        saturated_groups=saturated,
-        min_channels=min_ch,
-        removed_per_group=removed,
+        fractions_given=fractions,
+        fractions=scaled,
+        saturated_groups=at_cap,
+        min_channels=s["min_channels"],
+        max_layer_ratio=ratio,
+        removed_per_group={g: [v["removed"], v["total"]] for g, v in groups.items()},
+        groups=groups,
         beta_folding=folded,
         trials=trials,
     )

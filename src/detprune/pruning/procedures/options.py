@@ -95,7 +95,15 @@ STAGEWISE: dict[str, Option] = {
 GCP: dict[str, Option] = {
     **SHARED,
     "fractions": Option(None, (dict, None), help="{group: fraction}, over the defaults"),
-    "min_channels": Option(None, (int, None), help="channels a layer keeps at least"),
+    # how the FLOPs target scales the fractions (procedures/gcp_alloc.py): "capped" keeps
+    # every group at most max_layer_ratio and spreads the rest over the groups below it;
+    # "saturating" lets groups reach 1 (the earlier rule: 0.0 mAP at 10 % FLOPs)
+    "allocation": Option("capped", help='"capped" (at max_layer_ratio) | "saturating" (at 1)'),
+    "min_channels": Option(
+        None,
+        (int, None),
+        help="the authors' per-layer floor max(1% of C, this); max_layer_ratio's applies too",
+    ),
     "fold_beta": Option(True, help="fold removed BN channels' beta into the next layer"),
     "max_trials": Option(30, help="bisection steps of the fraction scale"),
 }
