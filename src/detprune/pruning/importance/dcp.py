@@ -107,7 +107,7 @@ def make_optimizer(consumers: Sequence[Consumer], lr: float) -> torch.optim.Opti
 
 
 @contextlib.contextmanager
-def _fixed_rng(key: int) -> Iterator[None]:
+def fixed_rng(key: int) -> Iterator[None]:
     """The same random draws (the detector's RoI sampling) inside every block of one key."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
@@ -136,7 +136,7 @@ def fit_selected(
     for it in range(iters):
         b = (start + it) % n_batches
         _zero_grads(consumers)
-        with _fixed_rng(start + it):
+        with fixed_rng(start + it):
             loss = loss_fn(b)
         loss.backward()
         before = float(loss.detach())
@@ -147,7 +147,7 @@ def fit_selected(
                     c.weight.grad.mul_(c.slot_mask(keep))
         optimizer.step()
         apply_masks(consumers, keep)
-        with torch.no_grad(), _fixed_rng(start + it):
+        with torch.no_grad(), fixed_rng(start + it):
             after = float(loss_fn(b))
         if math.isfinite(after) and after <= before:
             last = after

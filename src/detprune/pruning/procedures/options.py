@@ -85,6 +85,11 @@ STAGEWISE: dict[str, Option] = {
     "batches": Option(2, help="calibration batches for the selection"),
     "select_steps": Option(4, help="greedy rounds per group (>= budget: one channel per round)"),
     "sgd_iters": Option(2, help="SGD steps on the selected weights after each round"),
+    "recon_normalize": Option(
+        True,
+        help="divide each consumer's reconstruction error by its unpruned output energy "
+        "(mean Y^2 over the calibration batches); false: the raw sum (ablation)",
+    ),
     "aux_batches": Option(4, help="batches the auxiliary heads are trained on"),
     "aux_iters": Option(60, help="SGD steps training each stage's auxiliary head first"),
     "aux_lr": Option(0.05),
