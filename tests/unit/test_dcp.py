@@ -12,7 +12,7 @@ from detprune.evaluation.cost import count_params
 from detprune.models import MODELS, build_model
 from detprune.pruning.base import PruneContext
 from detprune.pruning.importance.aux_net import aux_positions, forward_order, stage_of
-from detprune.pruning.importance.dcp import consumer_of, fit_selected, greedy_select
+from detprune.pruning.importance.dcp import consumer_of, fit_selected, greedy_select, round_size
 from detprune.pruning.methods import METHODS
 from detprune.pruning.procedures.oneshot import macs_counter
 from detprune.pruning.procedures.reconstruction import Reconstruction
@@ -130,6 +130,28 @@ def test_normalised_reconstruction_keeps_a_channel_only_the_small_scale_consumer
     assert raw_recon.records()[1]["relative_error_last"] == pytest.approx(1.0, rel=1e-2)
 
 
+def test_channels_per_round_sets_the_greedy_rounds():
+    assert round_size(10, 4) == 3 and round_size(3, 10) == 1
+    assert round_size(10, 4, per_round=1) == 1 and round_size(10, 1, per_round=4) == 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 6, 6, generator=gen)
+    teacher = torch.randn(2, 4, 1, 1, generator=gen)
+    for per_round, rounds in ((None, 1), (1, 3)):
+        _, consumer, loss_fn = _layer_and_loss(x, teacher, teacher.clone())
+        calls = []
+
+        def counted(b: int, loss_fn=loss_fn, calls=calls) -> torch.Tensor:
+            calls.append(b)
+            return loss_fn(b)
+
+        kept, _ = greedy_select(
+            [consumer], 4, 3, counted, 1, steps=1, sgd_iters=1, per_round=per_round
+        )
+        assert len(kept) == 3
+        # each round: one scoring pass over the batch, then a step and its check
+        assert len(calls) == rounds * 3
+
+
 def test_aux_losses_split_the_resnet_stages_as_dcp_does():
     assert aux_positions(4, 3) == [0, 1, 2]
     assert aux_positions(4, 1) == [1]
@@ -230,8 +252,19 @@ def test_dcp_prunes_the_detector_to_the_flops_target(tmp_path: Path):
     assert stages["backbone.body.layer1.0.conv1"] == 0
     assert stages["backbone.body.layer4.0.conv1"] == 3
     assert all(g["kept"] < g["channels"] for g in dcp["groups"])
-    # per group each consumer's scale
+    # the budget used, and per group its rounds and each consumer's scale
+    assert dcp["budget"] == {
+        "batches": 1,
+        "images": 4,
+        "select_steps": 2,
+        "channels_per_round": None,
+        "sgd_iters": 1,
+        "aux_batches": 1,
+        "aux_iters": 5,
+        "recon_normalize": True,
+    }
     for g in dcp["groups"]:
+        assert g["per_round"] == -(-g["kept"] // 2) and g["rounds"] <= 2
         assert g["consumers"] and all(c["energy"] > 0 for c in g["consumers"])
     scales = [c["energy"] for g in dcp["groups"] for c in g["consumers"]]
     assert max(scales) / min(scales) > 10  # consumers of very different scales

@@ -82,8 +82,15 @@ STAGEWISE: dict[str, Option] = {
     "layer_lr": Option(0.01, help="DCP's code: lr of the layer-wise SGD on the selected weights"),
     "m": AUX_HEAD["m"],
     "allocation": Option("l1", help="METHODS entry whose FLOPs allocation gives the budgets"),
-    "batches": Option(2, help="calibration batches for the selection"),
+    # the selection budget (the CPU defaults; DCP itself scores every greedy step on the
+    # whole loader and adds one channel per step: batches large, channels_per_round 1)
+    "batches": Option(2, help="calibration batches for the selection (held in memory)"),
     "select_steps": Option(4, help="greedy rounds per group (>= budget: one channel per round)"),
+    "channels_per_round": Option(
+        None,
+        (int, None),
+        help="channels added per greedy round (1: DCP's); null: ceil(budget / select_steps)",
+    ),
     "sgd_iters": Option(2, help="SGD steps on the selected weights after each round"),
     "recon_normalize": Option(
         True,

@@ -20,7 +20,9 @@ Neurocomputing 2020 (LCP).
    of that layer, each consumer's error relative to its own output energy
    (``recon_normalize``; :mod:`~detprune.pruning.procedures.reconstruction`).
 
-The report records each group's consumers, their output energies and raw errors.
+The selection budget (``batches``, ``select_steps`` or ``channels_per_round``,
+``sgd_iters``, ``aux_batches``, ``aux_iters``) is recorded in the report (``dcp.budget``),
+with each group's consumers, their output energies and raw errors.
 
 The auxiliary heads are attached to the model only while it is pruned (``_dcp_aux``),
 traced into the dependency graph, so their input channels follow the pruning; they are
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from itertools import islice
@@ -54,6 +57,7 @@ from detprune.pruning.importance.dcp import (
     consumer_of,
     fixed_rng,
     greedy_select,
+    round_size,
 )
 from detprune.pruning.procedures.oneshot import allocate_widths, make_report
 from detprune.pruning.procedures.options import SHARED, STAGEWISE
@@ -275,6 +279,7 @@ class _Run:
             st, l_aux = self._forward(b, s, scored, per_roi)
             return float(o["mse_weight"]) * recon.error(st, b) + float(o["alpha"]) * l_aux
 
+        per_round = round_size(plan["budget"], int(o["select_steps"]), o["channels_per_round"])
         keep, last = greedy_select(
             consumers,
             plan["n"],
@@ -284,12 +289,13 @@ class _Run:
             steps=int(o["select_steps"]),
             sgd_iters=int(o["sgd_iters"]),
             lr=float(o["layer_lr"]),
+            per_round=per_round,
         )
         self._remove(plan, keep)
-        self._record(plan, last, recon, time.perf_counter() - t0)
+        self._record(plan, per_round, last, recon, time.perf_counter() - t0)
 
     def _record(
-        self, plan: dict[str, Any], loss: float, recon: Reconstruction, secs: float
+        self, plan: dict[str, Any], per_round: int, loss: float, recon: Reconstruction, secs: float
     ) -> None:
         """The group's entry of the report (``dcp.groups``), and its log line."""
         record = {
@@ -297,6 +303,8 @@ class _Run:
             "stage": plan["stage"],
             "kept": plan["budget"],
             "channels": plan["n"],
+            "rounds": math.ceil(plan["budget"] / per_round),
+            "per_round": per_round,
             "loss": loss,
             "consumers": recon.records(),
             "seconds": round(secs, 2),
@@ -313,6 +321,18 @@ class _Run:
                 for c in record["consumers"]
             ),
         )
+
+
+def _budget(opts: dict[str, Any], run: _Run) -> dict[str, Any]:
+    """The selection budget used (the report's ``dcp.budget``)."""
+    n = int(opts["batches"])
+    keys = ("select_steps", "channels_per_round", "sgd_iters", "aux_batches", "aux_iters")
+    return {
+        "batches": n,
+        "images": sum(len(images) for images, _ in run.batches[:n]),
+        **{k: opts[k] for k in keys},
+        "recon_normalize": bool(opts["recon_normalize"]),
+    }
 
 
 def stagewise(
@@ -364,6 +384,7 @@ def stagewise(
             "head": head,
             "aux_features": [p for p, _ in run.aux],
             "aux_loss_after_training": aux_loss_end,
+            "budget": _budget(opts, run),
             "groups": run.records,
             "allocation_seconds": round(t_alloc, 2),
             "seconds": round(time.perf_counter() - t0, 2),
