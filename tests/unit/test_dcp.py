@@ -10,7 +10,7 @@ from detprune.data.coco import CocoDetection
 from detprune.data.synth import write_synthetic
 from detprune.evaluation.cost import count_params
 from detprune.models import MODELS, build_model
-from detprune.pruning.base import PruneContext
+from detprune.pruning.base import PruneContext, PruneResult
 from detprune.pruning.importance.aux_net import aux_positions, forward_order, stage_of
 from detprune.pruning.importance.dcp import consumer_of, fit_selected, greedy_select, round_size
 from detprune.pruning.methods import METHODS
@@ -203,8 +203,10 @@ def make_context(root: Path, options: dict) -> PruneContext:
     )
 
 
-def check_pruned_detector(method: str, tmp: Path, options: dict) -> dict:
-    """Prune to 50% FLOPs; check target, size, forward passes and checkpoint round trip."""
+def check_pruned_detector(method: str, tmp: Path, options: dict) -> tuple[PruneResult, Path]:
+    """Prune to 50% FLOPs; check target, size, forward passes and checkpoint round trip.
+    Returns the result and its checkpoint (with the auxiliary heads, as the prune stage
+    writes it)."""
     torch.set_num_threads(1)
     ctx = make_context(tmp / "synth", options)
     meth = METHODS[method]
@@ -225,7 +227,14 @@ def check_pruned_detector(method: str, tmp: Path, options: dict) -> dict:
     assert all(torch.isfinite(v) for v in losses.values())
     pruned.eval()
     path = tmp / f"{method}.pt"
-    checkpoint.save(path, spec=ctx.spec, model=pruned, history=result.history, meta={})
+    checkpoint.save(
+        path,
+        spec=ctx.spec,
+        model=pruned,
+        history=result.history,
+        meta={},
+        **{checkpoint.AUX_HEADS: result.aux_heads},
+    )
     reloaded, _ = checkpoint.load_model(path)
     reloaded.eval()
     assert count_params(reloaded) == count_params(pruned)
@@ -236,12 +245,12 @@ def check_pruned_detector(method: str, tmp: Path, options: dict) -> dict:
         assert torch.equal(a[key], b[key])
     for key in da:
         assert torch.equal(da[key], db[key])
-    return result.report
+    return result, path
 
 
 def test_dcp_prunes_the_detector_to_the_flops_target(tmp_path: Path):
-    report = check_pruned_detector("dcp", tmp_path, FAST)
-    dcp = report["dcp"]
+    result, _ = check_pruned_detector("dcp", tmp_path, FAST)
+    dcp = result.report["dcp"]
     assert dcp["head"] == "dcp"
     assert dcp["aux_features"] == [
         "backbone.body.layer1",
@@ -269,6 +278,7 @@ def test_dcp_prunes_the_detector_to_the_flops_target(tmp_path: Path):
     scales = [c["energy"] for g in dcp["groups"] for c in g["consumers"]]
     assert max(scales) / min(scales) > 10  # consumers of very different scales
     assert any(c["per_roi"] for g in dcp["groups"] for c in g["consumers"])
+    assert sorted(result.aux_heads) == dcp["aux_features"]
 
 
 def test_a_step_that_raises_the_loss_is_undone_and_the_lr_halved():

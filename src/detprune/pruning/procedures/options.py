@@ -123,5 +123,16 @@ LCP_LOSS: dict[str, Option] = {
     "momentum": Option(0.9),
     "weight_decay": Option(1e-4),
     "seed": Option(0),
+    "reuse_head": Option(
+        True,
+        help="start from the auxiliary head the pruning trained on this feature (the "
+        "checkpoint's aux_heads) when its shapes fit; false or missing: a fresh head",
+    ),
+    "feature": Option(
+        None,
+        (str, None),
+        help="aux_features module the head reads; null: the deepest one with a head in the "
+        "checkpoint, else the deepest aux_features entry",
+    ),
     **AUX_HEAD,
 }

@@ -1,5 +1,6 @@
 """The auxiliary networks of the stage-wise procedure: one per stage, built on the stage's
-feature, trained on the frozen features before the stage is pruned, and their loss.
+feature, trained on the frozen features before the stage is pruned, their loss, and their
+trained state, which the pruned checkpoint carries.
 
 DCP (Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks",
 NeurIPS 2018) classifies (default boxes of a detector, the image for a classifier); LCP
@@ -96,3 +97,13 @@ def fit_head(
     for p in head.parameters():
         p.requires_grad_(False)
     return last
+
+
+def head_states(
+    heads: nn.ModuleList, aux: Sequence[tuple[str, int]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each head's state_dict (detached CPU copies), keyed by the feature it reads."""
+    return {
+        path: {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+        for head, (path, _) in zip(heads, aux, strict=True)
+    }

@@ -26,7 +26,10 @@ with each group's consumers, their output energies and raw errors.
 
 The auxiliary heads are attached to the model only while it is pruned (``_dcp_aux``),
 traced into the dependency graph, so their input channels follow the pruning; they are
-removed before the model is returned and never appear in the pruning history.
+removed before the model is returned and never appear in the pruning history. Their
+trained state_dicts come back in :attr:`PruneResult.aux_heads` (the checkpoint's
+``aux_heads``), where LCP's fine-tuning loss picks its head up
+(:mod:`detprune.pruning.lcp_loss`).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from detprune.pruning.procedures.reconstruction import (
     log_energies,
     teacher_outputs,
 )
-from detprune.pruning.procedures.stage_heads import fit_head, head_loss, make_heads
+from detprune.pruning.procedures.stage_heads import fit_head, head_loss, head_states, make_heads
 from detprune.utils.options import defaults
 
 if TYPE_CHECKING:
@@ -390,4 +393,4 @@ def stagewise(
             "seconds": round(time.perf_counter() - t0, 2),
         },
     )
-    return PruneResult(student, history, report)
+    return PruneResult(student, history, report, aux_heads=head_states(run.heads, run.aux))
