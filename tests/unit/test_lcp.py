@@ -20,6 +20,7 @@ from detprune.pruning.importance.aux_net import (
 )
 from detprune.train import checkpoint
 from detprune.train.distill import DISTILLERS
+from detprune.train.engine import train_one_epoch
 from tests.unit.test_dcp import FAST, NAME, SIZE, check_pruned_detector
 
 LAYER3, LAYER4 = "backbone.body.layer3", "backbone.body.layer4"
@@ -110,7 +111,7 @@ def _tiny_detector() -> tuple[dict, torch.nn.Module, list, list]:
     return spec, model, images, targets
 
 
-def test_lcp_finetuning_hook_adds_a_finite_positive_loss_and_trains_its_head():
+def test_lcp_finetuning_hook_adds_a_finite_positive_loss_and_the_engine_trains_its_head():
     spec, model, images, targets = _tiny_detector()
     hook = DISTILLERS["lcp"](model, model, spec, {})
     assert hook.path == LAYER4  # no trained head given: the deepest aux feature
@@ -118,14 +119,21 @@ def test_lcp_finetuning_hook_adds_a_finite_positive_loss_and_trains_its_head():
     term = losses["loss_lcp_aux"]
     assert torch.isfinite(term) and float(term.detach()) > 0
     assert {"loss_classifier", "loss_objectness"} <= set(losses)
-    term.backward()  # the model gets L_a's gradient through the deepest aux feature
+    term.backward()  # the model gets L_a's gradient through the aux feature
     assert model.backbone.body.layer4[0].conv2.weight.grad.abs().sum() > 0
-    head_weight = hook.head.cls.weight.detach().clone()
-    assert hook.head.cls.weight.grad is not None
-    model.zero_grad()
-    hook(model, images, targets, model(images, targets))  # steps the head's own optimizer
-    assert not torch.equal(hook.head.cls.weight.detach(), head_weight)
-    assert hook.head.cls.weight.grad is None
+    assert hook.optimizers() == [hook.optimizer]
+    # one iteration of the engine: it steps the head's optimizer after the model's, on
+    # this iteration's gradients (SGD's first step, lr 0.01, weight decay 1e-4)
+    before = {n: p.detach().clone() for n, p in hook.head.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    cpu = torch.device("cpu")
+    train_one_epoch(model, opt, sched, [(images, targets)], cpu, 0, loss_hook=hook)
+    for n, p in hook.head.named_parameters():
+        assert p.grad is not None, n
+        expect = before[n] - 0.01 * (p.grad + 1e-4 * before[n])
+        assert torch.allclose(p.detach(), expect, atol=1e-7), n
+    assert not torch.equal(hook.head.cls.weight.detach(), before["cls.weight"])
     assert not any("lcp" in n for n, _ in model.named_parameters())
     hook.handle.remove()
 

@@ -7,9 +7,10 @@ Xie et al., "Localization-aware Channel Pruning for Object Detection", Neurocomp
 The auxiliary head is trained jointly, but it is not part of the model (the checkpoint
 keeps the registry architecture): the hook owns the head and a small SGD optimizer of its
 own. The term ``loss_lcp_aux`` returned to the engine carries the gradient into the
-model; the same backward fills the head's gradients, and the hook steps the head's
-optimizer at the start of the *next* call (one step behind the model; the last batch's
-step is dropped).
+model; the same backward fills the head's gradients, and the engine steps the head's
+optimizer (:meth:`LCPAuxLoss.optimizers`) right after the model's, in the same
+iteration: under AMP through the same GradScaler, so the head sees unscaled gradients and
+a step with inf/NaN gradients is skipped.
 
 Which head: the one the pruning trained (LCP's stage-wise procedure,
 :mod:`detprune.pruning.procedures.stagewise`), which the pruned checkpoint carries
@@ -150,13 +151,9 @@ class LCPAuxLoss:
         self.reused = True
         log.info("lcp: fine-tuning starts from the auxiliary head trained on %s", self.path)
 
-    def step_head(self) -> None:
-        """Apply the gradients the previous backward left on the head, then clear them."""
-        if self.head is None or self.optimizer is None:
-            return
-        if any(p.grad is not None for p in self.head.parameters()):
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The head's optimizer (once the head exists), which the engine steps."""
+        return [self.optimizer] if self.optimizer is not None else []
 
     def __call__(
         self, model: nn.Module, images: list, targets: list, losses: dict[str, torch.Tensor]
@@ -165,8 +162,6 @@ class LCPAuxLoss:
             raise RuntimeError(f"lcp: {self.path} did not run in the forward pass")
         if self.head is None:
             self._build(self.feature)
-        else:
-            self.step_head()
         assert self.head is not None
         self.head.train(model.training)
         o = self.opts
