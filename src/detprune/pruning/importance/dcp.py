@@ -2,7 +2,7 @@
 :mod:`detprune.pruning.procedures.stagewise`).
 
 Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks", NeurIPS
-2018 (DCP); Chen et al., "Localization-aware Channel Pruning for Object Detection",
+2018 (DCP); Xie et al., "Localization-aware Channel Pruning for Object Detection",
 Neurocomputing 2020 (LCP).
 
 A channel is kept or removed for a whole torch-pruning group; the layers reading the
