@@ -304,7 +304,8 @@ def prune(
         pruning=result.report,
     )
     meta["class_names"] = ckpt["meta"].get("class_names")
-    checkpoint.save(out, spec=spec, model=result.model, history=history, meta=meta)
+    heads = {checkpoint.AUX_HEADS: result.aux_heads} if result.aux_heads else {}
+    checkpoint.save(out, spec=spec, model=result.model, history=history, meta=meta, **heads)
     record = {
         "detector": spec["name"],
         "method": method,
@@ -334,7 +335,8 @@ def finetune(
     out: str,
 ) -> dict[str, Any]:
     """Fine-tune a pruned model with the method's schedule, optionally distilling from the
-    unpruned ``teacher_path``."""
+    unpruned ``teacher_path`` (a distillation also gets the auxiliary heads the pruned
+    checkpoint carries: LCP's loss starts from them)."""
     seed_everything(config["seed"])
     sched = finetune_schedule(config, method)
     distill = distillation(config, method)
@@ -348,7 +350,13 @@ def finetune(
                 f"finetune.distill: unknown distillation {distill!r}; known: {sorted(DISTILLERS)}"
             )
         teacher, _ = checkpoint.load_model(teacher_path)
-        hook = DISTILLERS[distill](model, teacher, ckpt["model"], sched.get("distill_options", {}))
+        hook = DISTILLERS[distill](
+            model,
+            teacher,
+            ckpt["model"],
+            sched.get("distill_options", {}),
+            aux_heads=checkpoint.aux_heads(ckpt),
+        )
     meta = dict(ckpt["meta"])
     meta.update(
         provenance(

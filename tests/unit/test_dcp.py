@@ -10,11 +10,12 @@ from detprune.data.coco import CocoDetection
 from detprune.data.synth import write_synthetic
 from detprune.evaluation.cost import count_params
 from detprune.models import MODELS, build_model
-from detprune.pruning.base import PruneContext
+from detprune.pruning.base import PruneContext, PruneResult
 from detprune.pruning.importance.aux_net import aux_positions, forward_order, stage_of
-from detprune.pruning.importance.dcp import consumer_of, fit_selected, greedy_select
+from detprune.pruning.importance.dcp import consumer_of, fit_selected, greedy_select, round_size
 from detprune.pruning.methods import METHODS
 from detprune.pruning.procedures.oneshot import macs_counter
+from detprune.pruning.procedures.reconstruction import Reconstruction
 from detprune.train import checkpoint
 from detprune.train.engine import make_loader
 
@@ -80,6 +81,77 @@ def test_reconstruction_after_selection_beats_random_channels_at_the_same_budget
     assert greedy_loss < 0.1 * random_loss
 
 
+def _select_with_two_consumers(normalize: bool) -> tuple[list[int], Reconstruction]:
+    """Budget 3 of 4 channels read by two 1x1 convs: ``big`` needs channels 0-2 at weights
+    ~100, ``small`` needs channel 3 alone at weight 1 (output energies ~1e4 apart)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4, 6, 6, generator=gen)
+    big_w = torch.zeros(3, 4, 1, 1)
+    weights = torch.tensor([[1.0, -0.5, 0.8], [0.6, 1.2, -0.9], [-0.7, 0.4, 1.1]])
+    big_w[:, :3, 0, 0] = 100.0 * weights
+    small_w = torch.zeros(2, 4, 1, 1)
+    small_w[:, 3, 0, 0] = torch.tensor([1.0, -1.0])  # the planted channel
+    convs = {"big": nn.Conv2d(4, 3, 1, bias=False), "small": nn.Conv2d(4, 2, 1, bias=False)}
+    with torch.no_grad():
+        convs["big"].weight.copy_(big_w)
+        convs["small"].weight.copy_(small_w)
+        teacher = [{n: [c(x)] for n, c in convs.items()}]
+    consumers = [consumer_of(n, c, range(4), range(4)) for n, c in convs.items()]
+    recon = Reconstruction(
+        list(convs), [], teacher, normalize=normalize, device=torch.device("cpu")
+    )
+    recon.calibrate(lambda b: {}, 1)
+
+    def loss_fn(b: int) -> torch.Tensor:
+        return recon.error({n: [c(x)] for n, c in convs.items()}, b)
+
+    kept, _ = greedy_select(consumers, 4, 3, loss_fn, 1, steps=3, sgd_iters=1)
+    return kept.tolist(), recon
+
+
+def test_normalised_reconstruction_keeps_a_channel_only_the_small_scale_consumer_needs():
+    raw, raw_recon = _select_with_two_consumers(normalize=False)
+    rel, rel_recon = _select_with_two_consumers(normalize=True)
+    energy = rel_recon.energy
+    assert energy == raw_recon.energy
+    assert 1e3 < energy["big"] / energy["small"] < 1e5  # the raw errors' scales
+    # summed raw, the big consumer's gradients decide every round: channel 3 is dropped
+    assert raw == [0, 1, 2]
+    # relative errors: channel 3 is all of the small consumer's output, kept first
+    assert 3 in rel and len(rel) == 3
+    records = {r["name"]: r for r in rel_recon.records()}
+    assert set(records) == {"big", "small"}
+    for name, r in records.items():
+        assert r["energy"] == pytest.approx(energy[name], rel=1e-4)
+        # no channel selected at the first evaluation: the error is the whole output energy
+        assert r["raw_error_first"] == pytest.approx(energy[name], rel=1e-4)
+        assert r["raw_error_last"] < r["raw_error_first"]
+    assert records["small"]["relative_error_last"] < 1e-3
+    assert raw_recon.records()[1]["relative_error_last"] == pytest.approx(1.0, rel=1e-2)
+
+
+def test_channels_per_round_sets_the_greedy_rounds():
+    assert round_size(10, 4) == 3 and round_size(3, 10) == 1
+    assert round_size(10, 4, per_round=1) == 1 and round_size(10, 1, per_round=4) == 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 6, 6, generator=gen)
+    teacher = torch.randn(2, 4, 1, 1, generator=gen)
+    for per_round, rounds in ((None, 1), (1, 3)):
+        _, consumer, loss_fn = _layer_and_loss(x, teacher, teacher.clone())
+        calls = []
+
+        def counted(b: int, loss_fn=loss_fn, calls=calls) -> torch.Tensor:
+            calls.append(b)
+            return loss_fn(b)
+
+        kept, _ = greedy_select(
+            [consumer], 4, 3, counted, 1, steps=1, sgd_iters=1, per_round=per_round
+        )
+        assert len(kept) == 3
+        # each round: one scoring pass over the batch, then a step and its check
+        assert len(calls) == rounds * 3
+
+
 def test_aux_losses_split_the_resnet_stages_as_dcp_does():
     assert aux_positions(4, 3) == [0, 1, 2]
     assert aux_positions(4, 1) == [1]
@@ -131,8 +203,10 @@ def make_context(root: Path, options: dict) -> PruneContext:
     )
 
 
-def check_pruned_detector(method: str, tmp: Path, options: dict) -> dict:
-    """Prune to 50% FLOPs; check target, size, forward passes and checkpoint round trip."""
+def check_pruned_detector(method: str, tmp: Path, options: dict) -> tuple[PruneResult, Path]:
+    """Prune to 50% FLOPs; check target, size, forward passes and checkpoint round trip.
+    Returns the result and its checkpoint (with the auxiliary heads, as the prune stage
+    writes it)."""
     torch.set_num_threads(1)
     ctx = make_context(tmp / "synth", options)
     meth = METHODS[method]
@@ -153,7 +227,14 @@ def check_pruned_detector(method: str, tmp: Path, options: dict) -> dict:
     assert all(torch.isfinite(v) for v in losses.values())
     pruned.eval()
     path = tmp / f"{method}.pt"
-    checkpoint.save(path, spec=ctx.spec, model=pruned, history=result.history, meta={})
+    checkpoint.save(
+        path,
+        spec=ctx.spec,
+        model=pruned,
+        history=result.history,
+        meta={},
+        **{checkpoint.AUX_HEADS: result.aux_heads},
+    )
     reloaded, _ = checkpoint.load_model(path)
     reloaded.eval()
     assert count_params(reloaded) == count_params(pruned)
@@ -164,12 +245,12 @@ def check_pruned_detector(method: str, tmp: Path, options: dict) -> dict:
         assert torch.equal(a[key], b[key])
     for key in da:
         assert torch.equal(da[key], db[key])
-    return result.report
+    return result, path
 
 
 def test_dcp_prunes_the_detector_to_the_flops_target(tmp_path: Path):
-    report = check_pruned_detector("dcp", tmp_path, FAST)
-    dcp = report["dcp"]
+    result, _ = check_pruned_detector("dcp", tmp_path, FAST)
+    dcp = result.report["dcp"]
     assert dcp["head"] == "dcp"
     assert dcp["aux_features"] == [
         "backbone.body.layer1",
@@ -180,6 +261,24 @@ def test_dcp_prunes_the_detector_to_the_flops_target(tmp_path: Path):
     assert stages["backbone.body.layer1.0.conv1"] == 0
     assert stages["backbone.body.layer4.0.conv1"] == 3
     assert all(g["kept"] < g["channels"] for g in dcp["groups"])
+    # the budget used, and per group its rounds and each consumer's scale
+    assert dcp["budget"] == {
+        "batches": 1,
+        "images": 4,
+        "select_steps": 2,
+        "channels_per_round": None,
+        "sgd_iters": 1,
+        "aux_batches": 1,
+        "aux_iters": 5,
+        "recon_normalize": True,
+    }
+    for g in dcp["groups"]:
+        assert g["per_round"] == -(-g["kept"] // 2) and g["rounds"] <= 2
+        assert g["consumers"] and all(c["energy"] > 0 for c in g["consumers"])
+    scales = [c["energy"] for g in dcp["groups"] for c in g["consumers"]]
+    assert max(scales) / min(scales) > 10  # consumers of very different scales
+    assert any(c["per_roi"] for g in dcp["groups"] for c in g["consumers"])
+    assert sorted(result.aux_heads) == dcp["aux_features"]
 
 
 def test_a_step_that_raises_the_loss_is_undone_and_the_lr_halved():

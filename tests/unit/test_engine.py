@@ -122,3 +122,55 @@ def test_clip_grad_norm_bounds_each_step():
         moved[clip] = float((model.w.detach() - 1.0).norm())
     assert moved[None] == pytest.approx(0.01 * 2e3 * 2.0)  # lr x |grad| = 0.01 x 4000
     assert moved[0.5] == pytest.approx(0.01 * 0.5)  # lr x the clipped norm
+
+
+class _HeadHook:
+    """A loss hook with a parameter of its own and its optimizer, as LCP's auxiliary head:
+    adds ``sum((h * w)^2)``, whose gradient for ``h`` (= 2) is 4 at ``w`` = 1."""
+
+    def __init__(self) -> None:
+        self.head = torch.nn.Parameter(torch.full((4,), 2.0))
+        self.optimizer = torch.optim.SGD([self.head], lr=0.1)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def __call__(self, model, images, targets, losses):
+        return {**losses, "aux": (self.head * model.w).pow(2).sum()}
+
+
+def _one_step(scaler: torch.amp.GradScaler | None) -> tuple[torch.nn.Module, _HeadHook]:
+    from detprune.train.engine import train_one_epoch
+
+    model, hook = _Quadratic(), _HeadHook()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    loader = [([torch.zeros(3, 4, 4)], [{}])]
+    train_one_epoch(
+        model, opt, sched, loader, torch.device("cpu"), 0, scaler=scaler, loss_hook=hook
+    )
+    return model, hook
+
+
+@pytest.mark.parametrize("scale", [None, 2.0**16])
+def test_a_loss_hooks_optimizer_steps_on_unscaled_gradients(scale):
+    # the engine runs the AMP path (autocast, GradScaler) whenever it gets a scaler; on the
+    # CPU here, with element-wise losses that autocast leaves in float32
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    model, hook = _one_step(scaler)
+    # the head's step in the same iteration: 2 - lr 0.1 x 4 (scaled: 2 - 0.1 x 4 x 65536)
+    assert torch.equal(hook.head.detach(), torch.full((4,), 2.0 - 0.1 * 4.0))
+    assert torch.equal(hook.head.grad, torch.full((4,), 4.0))
+    # the model's: d/dw (1e3 w^2 + h^2 w^2) = 2e3 + 8
+    assert torch.allclose(model.w.detach(), torch.full((4,), 1.0 - 1e-4 * 2008.0))
+    if scaler is not None:
+        assert scaler.get_scale() == scale  # no inf/NaN: the scale stays
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")
+def test_an_overflowing_step_is_skipped_for_the_hooks_optimizer_as_for_the_models():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # 4 x 2^126 overflows float32
+    model, hook = _one_step(scaler)
+    assert torch.equal(hook.head.detach(), torch.full((4,), 2.0))
+    assert torch.equal(model.w.detach(), torch.full((4,), 1.0))
+    assert scaler.get_scale() == 2.0**125  # backed off, as GradScaler does

@@ -41,11 +41,17 @@ def scratch_source(method: str) -> str | None:
 
 @dataclass
 class PruneResult:
-    """The pruned model, its torch-pruning history and what was measured."""
+    """The pruned model, its torch-pruning history and what was measured.
+
+    ``aux_heads``: the state_dicts of auxiliary networks trained while pruning (DCP/LCP),
+    keyed by the module whose output each reads; the checkpoint carries them (optional key
+    ``aux_heads``) for LCP's fine-tuning loss to start from.
+    """
 
     model: nn.Module
     history: list
     report: dict[str, Any]
+    aux_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

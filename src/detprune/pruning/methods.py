@@ -160,7 +160,7 @@ MIEP_METHODS: dict[str, Method] = {
 }
 
 
-# DCP (Zhuang et al., NeurIPS 2018) and LCP (Chen et al., Neurocomputing 2020): the
+# DCP (Zhuang et al., NeurIPS 2018) and LCP (Xie et al., Neurocomputing 2020): the
 # stage-wise procedure with DCP's or LCP's auxiliary network; the channel budgets come
 # from the ``allocation`` method, looked up in this registry.
 def _stagewise(head: str, ctx: PruneContext, method: Method, target: float) -> PruneResult:
@@ -179,7 +179,7 @@ DCP_METHODS: dict[str, Method] = {
     ),
     "lcp": Method(
         "LCP: DCP with a localization-aware aux net (contextual RoIAlign, GIoU), "
-        "fine-tuned with its loss (Chen et al. 2020)",
+        "fine-tuned with its loss (Xie et al. 2020)",
         procedure=functools.partial(_stagewise, "lcp"),
         distill="lcp",
         family="dcp",

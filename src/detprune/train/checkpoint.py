@@ -3,6 +3,11 @@
 A checkpoint rebuilds its model from the registry (``model`` spec), replays
 torch-pruning's pruning history on it, then loads the state_dict, all loaded with
 ``torch.load(..., weights_only=True)``.
+
+Optional key ``aux_heads`` (written by the prune stage of DCP/LCP): ``{feature module:
+state_dict}`` of the auxiliary networks trained while pruning, tensors only, from which
+LCP's fine-tuning loss starts (:mod:`detprune.pruning.lcp_loss`). A checkpoint without
+it is read as before.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from detprune.utils.io import torch_load, torch_save
 
 FORMAT = "detprune-checkpoint/1"
 REQUIRED = ("format", "model", "pruning_history", "state_dict")
+AUX_HEADS = "aux_heads"
 
 
 def _plain(value: Any) -> Any:
@@ -102,7 +108,18 @@ def load(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: field 'model.name' {ckpt['model'].get('name')!r} is not registered"
         )
+    heads = ckpt.get(AUX_HEADS, {})
+    if not isinstance(heads, dict) or not all(
+        isinstance(sd, dict) and all(torch.is_tensor(t) for t in sd.values())
+        for sd in heads.values()
+    ):
+        raise ValueError(f"{path}: field '{AUX_HEADS}' is not {{module: state_dict}}")
     return ckpt
+
+
+def aux_heads(ckpt: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The auxiliary-head state_dicts a checkpoint carries (``{}`` when none)."""
+    return dict(ckpt.get(AUX_HEADS, {}))
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -25,6 +25,7 @@ from detprune.data.coco import CocoDetection, collate
 from detprune.evaluation.coco_eval import detections_to_coco, evaluate_detections
 from detprune.train import checkpoint
 from detprune.train import distributed as D
+from detprune.train.distill_base import hook_optimizers
 
 log = logging.getLogger("detprune.train")
 LossHook = Callable[[nn.Module, list, list, dict], dict]
@@ -206,21 +207,13 @@ def _run_epoch(
             loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}: loss is {loss.item()} ({losses})")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
+        optimizers = [optimizer, *hook_optimizers(loss_hook)]  # the model's first
+        _backward(loss, optimizers, scaler)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if grad_hook is not None:
             grad_hook(model, (progress[0] + run.done / max(run.total, 1)) / progress[1])
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        _step(optimizers, scaler)
         scheduler.step()
         run.done += 1
         for k, v in losses.items():
@@ -234,6 +227,33 @@ def _run_epoch(
         if should_stop is not None and should_stop():
             return True
     return False
+
+
+def _backward(
+    loss: torch.Tensor, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None
+) -> None:
+    """Zero the gradients of ``optimizers`` (the model's, then a loss hook's own: LCP's
+    auxiliary head), backward ``loss``; under AMP unscale every optimizer's gradients."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        return
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.unscale_(opt)
+
+
+def _step(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
+    """Step every optimizer; under AMP GradScaler skips the step of one whose gradients
+    hold inf/NaN, then updates its scale."""
+    for opt in optimizers:
+        if scaler is not None:
+            scaler.step(opt)
+        else:
+            opt.step()
+    if scaler is not None:
+        scaler.update()
 
 
 @torch.no_grad()

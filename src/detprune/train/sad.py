@@ -140,9 +140,14 @@ def _rpn_boxes(rpn: nn.Module, head_output: tuple, anchors: list[torch.Tensor]) 
 
 
 def sad(
-    student: nn.Module, teacher: nn.Module, spec: dict[str, Any], options: dict[str, Any]
+    student: nn.Module,
+    teacher: nn.Module,
+    spec: dict[str, Any],
+    options: dict[str, Any],
+    aux_heads: Mapping[str, Any] | None = None,
 ) -> LossHook:
     """SAD loss hook: ``loss_sad`` (+ ``loss_sad_kl``, ``loss_sad_box`` with ``output``).
+    (``aux_heads``, the pruned checkpoint's auxiliary heads, are not used.)
 
     Options (``finetune.methods.<m>.distill_options``): ``weights`` {group: w},
     ``taps`` {module: group} (default: the entry's ``distill_taps``), ``output``

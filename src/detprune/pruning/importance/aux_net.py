@@ -2,7 +2,7 @@
 
 DCP (Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks",
 NeurIPS 2018) attaches a classification network to each pruning stage; for detection its
-auxiliary loss is classification of default boxes. LCP (Chen et al., "Localization-aware
+auxiliary loss is classification of default boxes. LCP (Xie et al., "Localization-aware
 Channel Pruning for Object Detection", Neurocomputing 2020) replaces it by a
 localization-aware head: contextual RoIAlign ``F_O = RoIAlign(F, B) + RoIAlign(F, C)``
 over a default box ``B`` and the smallest box ``C`` enclosing ``B`` and its matched ground

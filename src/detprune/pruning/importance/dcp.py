@@ -2,7 +2,7 @@
 :mod:`detprune.pruning.procedures.stagewise`).
 
 Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks", NeurIPS
-2018 (DCP); Chen et al., "Localization-aware Channel Pruning for Object Detection",
+2018 (DCP); Xie et al., "Localization-aware Channel Pruning for Object Detection",
 Neurocomputing 2020 (LCP).
 
 A channel is kept or removed for a whole torch-pruning group; the layers reading the
@@ -107,7 +107,7 @@ def make_optimizer(consumers: Sequence[Consumer], lr: float) -> torch.optim.Opti
 
 
 @contextlib.contextmanager
-def _fixed_rng(key: int) -> Iterator[None]:
+def fixed_rng(key: int) -> Iterator[None]:
     """The same random draws (the detector's RoI sampling) inside every block of one key."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
@@ -136,7 +136,7 @@ def fit_selected(
     for it in range(iters):
         b = (start + it) % n_batches
         _zero_grads(consumers)
-        with _fixed_rng(start + it):
+        with fixed_rng(start + it):
             loss = loss_fn(b)
         loss.backward()
         before = float(loss.detach())
@@ -147,7 +147,7 @@ def fit_selected(
                     c.weight.grad.mul_(c.slot_mask(keep))
         optimizer.step()
         apply_masks(consumers, keep)
-        with torch.no_grad(), _fixed_rng(start + it):
+        with torch.no_grad(), fixed_rng(start + it):
             after = float(loss_fn(b))
         if math.isfinite(after) and after <= before:
             last = after
@@ -163,6 +163,15 @@ def fit_selected(
     return last
 
 
+def round_size(budget: int, steps: int, per_round: int | None = None) -> int:
+    """Channels added per greedy round: ``per_round`` when given (1: DCP's one channel per
+    greedy step), else ``ceil(budget / steps)`` (``steps`` rounds; one channel per round
+    when ``steps >= budget``)."""
+    if per_round is not None:
+        return max(1, int(per_round))
+    return max(1, math.ceil(budget / max(steps, 1)))
+
+
 def greedy_select(
     consumers: Sequence[Consumer],
     n: int,
@@ -173,21 +182,22 @@ def greedy_select(
     steps: int = 4,
     sgd_iters: int = 2,
     lr: float = 0.01,
+    per_round: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """DCP's greedy selection of ``budget`` of a group's ``n`` channels.
 
     All input slices of the group start at zero. Each round sums ``||dL/dW_k||_F^2`` over
-    the scored consumers and ``n_batches`` batches, adds the ``ceil(budget / steps)`` best
-    unselected channels (``steps >= budget``: one per round, as in the paper), restores
-    their baseline weights (a warm start: only a few SGD steps are affordable) and takes
-    ``sgd_iters`` SGD steps on the selected weights. Returns the kept channel indices
-    (sorted) and the last loss.
+    the scored consumers and ``n_batches`` batches, adds the :func:`round_size` best
+    unselected channels (``ceil(budget / steps)``, or ``per_round``; one per round is the
+    paper's), restores their baseline weights (a warm start: only a few SGD steps are
+    affordable) and takes ``sgd_iters`` SGD steps on the selected weights. Returns the kept
+    channel indices (sorted) and the last loss.
     """
     originals = [c.weight.detach().clone() for c in consumers]
     keep = torch.zeros(n, dtype=torch.bool)
     apply_masks(consumers, keep)
     optimizer = make_optimizer(consumers, lr)
-    per_round = max(1, math.ceil(budget / max(steps, 1)))
+    per_round = round_size(budget, steps, per_round)
     last, done = float("nan"), 0
     while int(keep.sum()) < budget:
         _zero_grads(consumers)

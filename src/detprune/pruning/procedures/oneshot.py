@@ -259,6 +259,34 @@ def prune_to_flops(
     return PruneResult(pruned, history, report)
 
 
+def allocate_widths(
+    ctx: PruneContext, target: float, opts: dict[str, Any], lookup: Callable[[str], Method]
+) -> dict[str, Any]:
+    """The report of pruning a copy of ``ctx.model`` to ``target`` with the one-shot
+    criterion named by ``opts["allocation"]`` (the method ``lookup`` returns for that
+    name): its per-layer widths are the stage-wise procedure's channel budgets."""
+    alloc = lookup(str(opts["allocation"]))
+    if alloc.importance is None or alloc.sparsity:
+        raise ValueError(
+            f"prune.options: allocation {opts['allocation']!r} must be a one-shot criterion "
+            "without sparse training (e.g. l1, uniform, fpgm, taylor)"
+        )
+    if alloc.needs_gradients:
+        accumulate_gradients(ctx.model, ctx.batches(), int(opts.get("calib_batches", 8)))
+    return prune_to_flops(
+        ctx.model,
+        importance=alloc.importance(ctx),
+        target=target,
+        example=ctx.example,
+        ignored=ctx.ignored,
+        macs_fn=ctx.macs_fn,
+        global_pruning=bool(opts.get("global_pruning", True)) and alloc.global_pruning,
+        max_layer_ratio=float(opts.get("max_layer_ratio", 0.9)),
+        round_to=opts.get("round_to"),
+        tolerance=float(opts.get("tolerance", 0.02)),
+    ).report
+
+
 def oneshot(ctx: PruneContext, method: Method, target: float) -> PruneResult:
     """Score once (after task-loss gradients when the criterion needs them), prune, done."""
     opts = {**defaults(ONESHOT), **ctx.options}

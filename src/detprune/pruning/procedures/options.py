@@ -82,9 +82,21 @@ STAGEWISE: dict[str, Option] = {
     "layer_lr": Option(0.01, help="DCP's code: lr of the layer-wise SGD on the selected weights"),
     "m": AUX_HEAD["m"],
     "allocation": Option("l1", help="METHODS entry whose FLOPs allocation gives the budgets"),
-    "batches": Option(2, help="calibration batches for the selection"),
+    # the selection budget (the CPU defaults; DCP itself scores every greedy step on the
+    # whole loader and adds one channel per step: batches large, channels_per_round 1)
+    "batches": Option(2, help="calibration batches for the selection (held in memory)"),
     "select_steps": Option(4, help="greedy rounds per group (>= budget: one channel per round)"),
+    "channels_per_round": Option(
+        None,
+        (int, None),
+        help="channels added per greedy round (1: DCP's); null: ceil(budget / select_steps)",
+    ),
     "sgd_iters": Option(2, help="SGD steps on the selected weights after each round"),
+    "recon_normalize": Option(
+        True,
+        help="divide each consumer's reconstruction error by its unpruned output energy "
+        "(mean Y^2 over the calibration batches); false: the raw sum (ablation)",
+    ),
     "aux_batches": Option(4, help="batches the auxiliary heads are trained on"),
     "aux_iters": Option(60, help="SGD steps training each stage's auxiliary head first"),
     "aux_lr": Option(0.05),
@@ -119,5 +131,16 @@ LCP_LOSS: dict[str, Option] = {
     "momentum": Option(0.9),
     "weight_decay": Option(1e-4),
     "seed": Option(0),
+    "reuse_head": Option(
+        True,
+        help="start from the auxiliary head the pruning trained on this feature (the "
+        "checkpoint's aux_heads) when its shapes fit; false or missing: a fresh head",
+    ),
+    "feature": Option(
+        None,
+        (str, None),
+        help="aux_features module the head reads; null: the deepest one with a head in the "
+        "checkpoint, else the deepest aux_features entry",
+    ),
     **AUX_HEAD,
 }

@@ -1,11 +1,11 @@
 """DCP's stage-wise procedure, with DCP's or LCP's auxiliary network.
 
 Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural Networks", NeurIPS
-2018; Chen et al., "Localization-aware Channel Pruning for Object Detection",
-Neurocomputing 2020.
+2018; Xie et al., "Localization-aware Channel Pruning for Object Detection",
+Neurocomputing 2020 (LCP).
 
 1. Budgets: the ``allocation`` criterion (default ``l1``) is pruned to the FLOPs target on
-   a copy (:func:`~detprune.pruning.procedures.oneshot.prune_to_flops`); its per-layer
+   a copy (:func:`~detprune.pruning.procedures.oneshot.allocate_widths`); its per-layer
    widths are the channel budgets, so DCP and LCP sit at the FLOPs of the other rows.
    DCP/LCP then choose *which* channels each group keeps.
 2. Stages: ``num_aux_losses`` of the registry's ``aux_features`` (evenly spaced) carry an
@@ -17,44 +17,61 @@ Neurocomputing 2020.
    (:func:`~detprune.pruning.importance.dcp.greedy_select`), and remove the unselected
    channels through the torch-pruning group (masked slices are zero, so this changes
    nothing). ``L_re`` compares each consumer's output with the unpruned model's output
-   of that layer; for per-RoI layers (whose RoIs differ between the two models) with the
-   layer's own output before pruning, on the same input.
+   of that layer, each consumer's error relative to its own output energy
+   (``recon_normalize``; :mod:`~detprune.pruning.procedures.reconstruction`).
+
+The selection budget (``batches``, ``select_steps`` or ``channels_per_round``,
+``sgd_iters``, ``aux_batches``, ``aux_iters``) is recorded in the report (``dcp.budget``),
+with each group's consumers, their output energies and raw errors.
 
 The auxiliary heads are attached to the model only while it is pruned (``_dcp_aux``),
 traced into the dependency graph, so their input channels follow the pruning; they are
-removed before the model is returned and never appear in the pruning history.
+removed before the model is returned and never appear in the pruning history. Their
+trained state_dicts come back in :attr:`PruneResult.aux_heads` (the checkpoint's
+``aux_heads``), where LCP's fine-tuning loss picks its head up
+(:mod:`detprune.pruning.lcp_loss`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from detprune.pruning.base import PruneContext, PruneResult
 from detprune.pruning.importance.aux_net import (
-    AuxHead,
-    ClassAuxHead,
-    aux_loss,
     aux_positions,
     capture,
-    class_aux_loss,
     forward_order,
     model_targets,
     run_until,
     stage_of,
 )
-from detprune.pruning.importance.dcp import consumer_of, greedy_select
-from detprune.pruning.procedures.oneshot import accumulate_gradients, make_report, prune_to_flops
+from detprune.pruning.importance.dcp import (
+    Consumer,
+    consumer_of,
+    fixed_rng,
+    greedy_select,
+    round_size,
+)
+from detprune.pruning.procedures.oneshot import allocate_widths, make_report
 from detprune.pruning.procedures.options import SHARED, STAGEWISE
+from detprune.pruning.procedures.reconstruction import (
+    KeptOutputs,
+    Reconstruction,
+    is_per_roi,
+    log_energies,
+    teacher_outputs,
+)
+from detprune.pruning.procedures.stage_heads import fit_head, head_loss, head_states, make_heads
 from detprune.utils.options import defaults
 
 if TYPE_CHECKING:
@@ -68,33 +85,6 @@ log = logging.getLogger("detprune.prune.dcp")
 AUX = "_dcp_aux"
 
 
-def _allocate(
-    ctx: PruneContext, target: float, opts: dict[str, Any], lookup: Callable[[str], Method]
-) -> dict[str, Any]:
-    """Per-layer widths at the FLOPs target from the ``allocation`` criterion (the method
-    ``lookup`` returns for that name)."""
-    alloc = lookup(str(opts["allocation"]))
-    if alloc.importance is None or alloc.sparsity:
-        raise ValueError(
-            f"prune.options: allocation {opts['allocation']!r} must be a one-shot criterion "
-            "without sparse training (e.g. l1, uniform, fpgm, taylor)"
-        )
-    if alloc.needs_gradients:
-        accumulate_gradients(ctx.model, ctx.batches(), int(opts.get("calib_batches", 8)))
-    return prune_to_flops(
-        ctx.model,
-        importance=alloc.importance(ctx),
-        target=target,
-        example=ctx.example,
-        ignored=ctx.ignored,
-        macs_fn=ctx.macs_fn,
-        global_pruning=bool(opts.get("global_pruning", True)) and alloc.global_pruning,
-        max_layer_ratio=float(opts.get("max_layer_ratio", 0.9)),
-        round_to=opts.get("round_to"),
-        tolerance=float(opts.get("tolerance", 0.02)),
-    ).report
-
-
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if torch.is_tensor(x) else [t.to(device) for t in x]
 
@@ -104,24 +94,6 @@ def _bn_frozen_train(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-
-
-def reference_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's output for input ``x`` with ``weight`` in place of its own."""
-    if isinstance(module, nn.Linear):
-        return F.linear(x, weight, module.bias)
-    return module._conv_forward(x, weight, module.bias)
-
-
-def _per_roi(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _slice_out(name: str, module: nn.Module, t: torch.Tensor, kept: dict) -> torch.Tensor:
-    if name not in kept:
-        return t
-    dim = -1 if isinstance(module, nn.Linear) else 1
-    return t.index_select(dim, kept[name].to(t.device))
 
 
 class _Run:
@@ -144,34 +116,21 @@ class _Run:
         self.targets = [model_targets(self.student, im, t) for im, t in self.batches]
         with torch.no_grad(), capture(self.student, [p for p, _ in self.aux]) as st:
             self.student(self.example)
-        lcp = head == "lcp"
         # a classifier's auxiliary networks classify the image (DCP's own ResNet setting)
         self.classify = getattr(ctx.entry, "task", "detection") == "classification"
-        heads: list[nn.Module] = [
-            ClassAuxHead(
-                st[p][-1].shape[1],
-                int(ctx.spec["num_classes"]),
-                stride,
-                channels=int(opts["aux_channels"]),
-            )
-            if self.classify
-            else AuxHead(
-                st[p][-1].shape[1],
-                int(ctx.spec["num_classes"]),
-                stride,
-                context=lcp,
-                regress=lcp,
-                channels=int(opts["aux_channels"]),
-                roi_size=int(opts["roi_size"]),
-            )
-            for p, stride in self.aux
-        ]
-        self.heads = nn.ModuleList(heads).to(self.dev)
+        self.heads = make_heads(
+            [st[p][-1].shape[1] for p, _ in self.aux],
+            self.aux,
+            int(ctx.spec["num_classes"]),
+            opts,
+            lcp=head == "lcp",
+            classify=self.classify,
+        ).to(self.dev)
         self.student.add_module(AUX, self.heads)
         self.dg = tp.DependencyGraph().build_dependency(
             self.student, example_inputs=(self.example,), forward_fn=self._trace
         )
-        self.kept_out: dict[str, torch.Tensor] = {}
+        self.kept = KeptOutputs()
         self.records: list[dict[str, Any]] = []
 
     def _trace(self, model: nn.Module, inputs: tuple) -> tuple:
@@ -183,21 +142,14 @@ class _Run:
         return torch.Generator().manual_seed(int(self.ctx.seed) * 100003 + key)
 
     def aux_terms(self, s: int, feature: torch.Tensor, b: int, key: int) -> torch.Tensor:
-        if self.classify:
-            return class_aux_loss(self.heads[s], feature, self.targets[b])["cls"]
-        o = self.opts
-        losses = aux_loss(
+        return head_loss(
             self.heads[s],
             feature,
             self.targets[b],
             self.gen(key),
-            m=o["m"] if o["m"] == "iou" else float(o["m"]),
-            scales=tuple(o["anchor_scales"]),
-            ratios=tuple(o["anchor_ratios"]),
-            max_pos=int(o["max_pos"]),
-            neg_ratio=float(o["neg_ratio"]),
+            self.opts,
+            classify=self.classify,
         )
-        return sum(losses.values())
 
     def train_head(self, s: int) -> float:
         """Train stage ``s``'s auxiliary head on the current (frozen) features."""
@@ -208,25 +160,12 @@ class _Run:
             with torch.no_grad(), capture(self.student, [path], stop=path) as st:
                 run_until(lambda images=images: self.student(images))
             feats.append(st[path][0])
-        head = self.heads[s]
-        for p in head.parameters():
-            p.requires_grad_(True)
-        head.train()
-        opt = torch.optim.SGD(
-            head.parameters(), lr=float(self.opts["aux_lr"]), momentum=0.9, weight_decay=1e-4
+        return fit_head(
+            self.heads[s],
+            len(feats),
+            lambda it, b: self.aux_terms(s, feats[b], b, 1000 + it),
+            self.opts,
         )
-        last = float("nan")
-        for it in range(int(self.opts["aux_iters"])):
-            b = it % len(feats)
-            loss = self.aux_terms(s, feats[b], b, 1000 + it)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            last = float(loss.detach())
-        head.eval()
-        for p in head.parameters():
-            p.requires_grad_(False)
-        return last
 
     def plan(self, widths: dict[str, list[int]]) -> list[dict[str, Any]]:
         """The groups to prune with their budget, stage and forward position."""
@@ -267,29 +206,7 @@ class _Run:
             )
         return sorted(plans, key=lambda p: (p["stage"], p["first"]))
 
-    def _teacher_outputs(self, names: list[str], n_batches: int) -> list[dict]:
-        if not names:
-            return [{} for _ in range(n_batches)]
-        stop = max(names, key=lambda n: self.order.get(n, 0))
-        outs = []
-        for images, _ in self.batches[:n_batches]:
-            calls = self.calls.get(stop, 1)
-            with torch.no_grad(), capture(self.teacher, names, (), stop, calls) as st:
-                run_until(lambda images=images: self.teacher(images))
-            outs.append(
-                {
-                    n: [_slice_out(n, self.teacher.get_submodule(n), t, self.kept_out) for t in ts]
-                    for n, ts in st.items()
-                }
-            )
-        return outs
-
-    def prune_group(self, plan: dict[str, Any]) -> None:
-        """Select, fit and remove the channels of one group."""
-        t0 = time.perf_counter()
-        o = self.opts
-        for p in self.student.parameters():
-            p.requires_grad_(False)
+    def _consumers(self, plan: dict[str, Any]) -> list[Consumer]:
         group = self.dg.get_pruning_group(plan["module"], plan["handler"], list(range(plan["n"])))
         names = self.dg._module2name
         consumers = []
@@ -299,43 +216,73 @@ class _Run:
                 c = consumer_of(names.get(mod, ""), mod, it.idxs, it.root_idxs)
                 if c is not None:
                     consumers.append(c)
+        return consumers
+
+    def _forward(
+        self, b: int, s: int, scored: list[Consumer], per_roi: list[Consumer]
+    ) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
+        """Batch ``b`` through the student as far as stage ``s``'s loss needs: the outputs
+        of the scored consumers (and inputs of the per-RoI ones), and the stage's
+        auxiliary loss (the detector's own loss in the final stage)."""
+        images, targets = self.batches[b]
+        final = s == len(self.aux)
+        outs = [c.name for c in scored] + ([] if final else [self.aux[s][0]])
+        stop = None if final else max(outs, key=lambda n: self.order.get(n, 0))
+        ins = [c.name for c in per_roi]
+        with capture(self.student, outs, ins, stop, self.calls.get(stop, 1)) as st:
+            if final:
+                _bn_frozen_train(self.student)
+                l_aux = sum(self.student(images, targets).values())
+            else:
+                self.student.eval()
+                run_until(lambda: self.student(images))
+                l_aux = self.aux_terms(s, st[self.aux[s][0]][0], b, b)
+        self.student.eval()
+        return st, l_aux
+
+    def _remove(self, plan: dict[str, Any], keep: torch.Tensor) -> None:
+        """Remove the group's channels not in ``keep``, noting the layers' kept outputs."""
+        removed = sorted(set(range(plan["n"])) - set(keep.tolist()))
+        pruning = self.dg.get_pruning_group(plan["module"], plan["handler"], removed)
+        for it in pruning:
+            mod = it.dep.target.module
+            if self.dg.is_out_channel_pruning_fn(it.dep.handler) and isinstance(
+                mod, (nn.Linear, nn.modules.conv._ConvNd)
+            ):
+                width = mod.weight.shape[1 if getattr(mod, "transposed", False) else 0]
+                self.kept.remove(self.dg._module2name[mod], width, it.idxs)
+        pruning.prune()
+
+    def prune_group(self, plan: dict[str, Any]) -> None:
+        """Select, fit and remove the channels of one group."""
+        t0 = time.perf_counter()
+        o, s, n_batches = self.opts, plan["stage"], int(self.opts["batches"])
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        consumers = self._consumers(plan)
         scored = [c for c in consumers if c.scored]
         for c in scored:
             c.weight.requires_grad_(True)
-        per_roi = [c for c in scored if _per_roi(c.name, self.ctx.entry.per_roi_modules)]
+        per_roi = [c for c in scored if is_per_roi(c.name, self.ctx.entry.per_roi_modules)]
         spatial = [c.name for c in scored if c not in per_roi]
-        snap = {c.name: c.weight.detach().clone() for c in per_roi}
-        n_batches = int(o["batches"])
-        teacher = self._teacher_outputs(spatial, n_batches)
-        s = plan["stage"]
-        final = s == len(self.aux)
-        watch = [c.name for c in scored] + ([] if final else [self.aux[s][0]])
-        stop = None if final else max(watch, key=lambda n: self.order.get(n, 0))
+        teacher = teacher_outputs(
+            self.teacher, spatial, self.batches[:n_batches], self.order, self.calls, self.kept
+        )
+        recon = Reconstruction(
+            spatial, per_roi, teacher, normalize=bool(o["recon_normalize"]), device=self.dev
+        )
+
+        def unpruned(b: int) -> dict[str, list[torch.Tensor]]:
+            with fixed_rng(b):  # leaves the global RNG as it was
+                return self._forward(b, s, scored, per_roi)[0]
+
+        recon.calibrate(unpruned, n_batches)
 
         def loss_fn(b: int) -> torch.Tensor:
-            images, targets = self.batches[b]
-            outs = [c.name for c in scored] + ([] if final else [self.aux[s][0]])
-            ins = [c.name for c in per_roi]
-            with capture(self.student, outs, ins, stop, self.calls.get(stop, 1)) as st:
-                if final:
-                    _bn_frozen_train(self.student)
-                    l_aux = sum(self.student(images, targets).values())
-                else:
-                    self.student.eval()
-                    run_until(lambda: self.student(images))
-                    l_aux = self.aux_terms(s, st[self.aux[s][0]][0], b, b)
-            self.student.eval()
-            l_re = torch.zeros((), device=self.dev)
-            for name in spatial:
-                for y, f in zip(st[name], teacher[b][name], strict=True):
-                    l_re = l_re + F.mse_loss(y, f)
-            for c in per_roi:
-                for y, x in zip(st[c.name], st[f"{c.name}:in"], strict=True):
-                    l_re = l_re + F.mse_loss(
-                        y, reference_output(c.module, x.detach(), snap[c.name])
-                    )
-            return float(o["mse_weight"]) * l_re + float(o["alpha"]) * l_aux
+            st, l_aux = self._forward(b, s, scored, per_roi)
+            return float(o["mse_weight"]) * recon.error(st, b) + float(o["alpha"]) * l_aux
 
+        per_round = round_size(plan["budget"], int(o["select_steps"]), o["channels_per_round"])
         keep, last = greedy_select(
             consumers,
             plan["n"],
@@ -345,31 +292,50 @@ class _Run:
             steps=int(o["select_steps"]),
             sgd_iters=int(o["sgd_iters"]),
             lr=float(o["layer_lr"]),
+            per_round=per_round,
         )
-        removed = sorted(set(range(plan["n"])) - set(keep.tolist()))
-        pruning = self.dg.get_pruning_group(plan["module"], plan["handler"], removed)
-        for it in pruning:
-            mod = it.dep.target.module
-            if self.dg.is_out_channel_pruning_fn(it.dep.handler) and isinstance(
-                mod, (nn.Linear, nn.modules.conv._ConvNd)
-            ):
-                name = names[mod]
-                width = mod.weight.shape[1 if getattr(mod, "transposed", False) else 0]
-                mask = torch.ones(width, dtype=torch.bool)
-                mask[torch.as_tensor(list(it.idxs), dtype=torch.long)] = False
-                self.kept_out[name] = self.kept_out.get(name, torch.arange(width))[mask]
-        pruning.prune()
-        self.records.append(
-            {
-                "root": plan["root"],
-                "stage": s,
-                "kept": plan["budget"],
-                "channels": plan["n"],
-                "loss": last,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
+        self._remove(plan, keep)
+        self._record(plan, per_round, last, recon, time.perf_counter() - t0)
+
+    def _record(
+        self, plan: dict[str, Any], per_round: int, loss: float, recon: Reconstruction, secs: float
+    ) -> None:
+        """The group's entry of the report (``dcp.groups``), and its log line."""
+        record = {
+            "root": plan["root"],
+            "stage": plan["stage"],
+            "kept": plan["budget"],
+            "channels": plan["n"],
+            "rounds": math.ceil(plan["budget"] / per_round),
+            "per_round": per_round,
+            "loss": loss,
+            "consumers": recon.records(),
+            "seconds": round(secs, 2),
+        }
+        self.records.append(record)
+        log.info(
+            "dcp: %s stage %d kept %d/%d; consumers (output energy -> relative error): %s",
+            plan["root"],
+            plan["stage"],
+            plan["budget"],
+            plan["n"],
+            ", ".join(
+                f"{c['name']} {c['energy']:.3g} -> {c['relative_error_last']:.3g}"
+                for c in record["consumers"]
+            ),
         )
-        log.info("dcp: %s stage %d kept %d/%d", plan["root"], s, plan["budget"], plan["n"])
+
+
+def _budget(opts: dict[str, Any], run: _Run) -> dict[str, Any]:
+    """The selection budget used (the report's ``dcp.budget``)."""
+    n = int(opts["batches"])
+    keys = ("select_steps", "channels_per_round", "sgd_iters", "aux_batches", "aux_iters")
+    return {
+        "batches": n,
+        "images": sum(len(images) for images, _ in run.batches[:n]),
+        **{k: opts[k] for k in keys},
+        "recon_normalize": bool(opts["recon_normalize"]),
+    }
 
 
 def stagewise(
@@ -389,7 +355,7 @@ def stagewise(
         )
     t0 = time.perf_counter()
     opts = {**DEFAULTS, **ctx.options}
-    alloc = _allocate(ctx, target, opts, lookup)
+    alloc = allocate_widths(ctx, target, opts, lookup)
     t_alloc = time.perf_counter() - t0
     widths = alloc["layers"]
     run = _Run(ctx, opts, head)
@@ -400,6 +366,7 @@ def stagewise(
             aux_loss_end.append(run.train_head(s))
         for plan in (p for p in plans if p["stage"] == s):
             run.prune_group(plan)
+    log_energies(log, run.records, bool(opts["recon_normalize"]))
     student = run.student
     del student._modules[AUX]
     for p in student.parameters():
@@ -420,9 +387,10 @@ def stagewise(
             "head": head,
             "aux_features": [p for p, _ in run.aux],
             "aux_loss_after_training": aux_loss_end,
+            "budget": _budget(opts, run),
             "groups": run.records,
             "allocation_seconds": round(t_alloc, 2),
             "seconds": round(time.perf_counter() - t0, 2),
         },
     )
-    return PruneResult(student, history, report)
+    return PruneResult(student, history, report, aux_heads=head_states(run.heads, run.aux))
