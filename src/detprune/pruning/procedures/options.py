@@ -57,6 +57,11 @@ PROGRESSIVE: dict[str, Option] = {
     "iri_distance": Option(0.8),
     "iri_linkage": Option("ward"),
     "iri_lambda": Option(2.0),
+    "iri_normalize": Option(
+        True,
+        help="unit L2 norm per channel descriptor before clustering (false: one global "
+        "scale, which merges a layer's lowest-norm channels first)",
+    ),
 }
 
 #: The auxiliary heads and default boxes of DCP/LCP, shared by the stage-wise procedure

@@ -70,6 +70,7 @@ def iri_config(opts: Mapping[str, Any], seed: int) -> IRIConfig:
         opts["iri_linkage"],
         float(opts["iri_lambda"]),
         seed,
+        bool(opts["iri_normalize"]),
     )
 
 
