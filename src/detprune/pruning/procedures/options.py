@@ -51,6 +51,11 @@ PROGRESSIVE: dict[str, Option] = {
     "foi_guide_bn": Option(
         "batch", help='guide BN uses the batch statistics like the student | "eval"'
     ),
+    "foi_scale": Option(
+        "raw",
+        help='"raw": I_TLI + I_FOI as the paper | "matched": I_FOI rescaled per step so its '
+        "total equals I_TLI's over the groups FOI reaches (ablation)",
+    ),
     "iri_algorithm": Option("hierarchical", help='"hierarchical" | "kmeans"'),
     "iri_stop": Option("ratio", help='"ratio" | "distance"'),
     "iri_ratio": Option(0.1),
