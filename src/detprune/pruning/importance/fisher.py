@@ -88,11 +88,15 @@ def group_taps(dg: tp.DependencyGraph, group: tp.Group) -> list[Tap]:
 
 
 def prunable_groups(
-    dg: tp.DependencyGraph, model: nn.Module, ignored: Iterable[str]
+    dg: tp.DependencyGraph,
+    model: nn.Module,
+    ignored: Iterable[str],
+    keep: Iterable[nn.Module] = (),
 ) -> list[GroupInfo]:
-    """All groups torch-pruning may prune (conv / linear roots, ``ignored`` layers kept),
-    with their mask taps; rebuild after every pruning step (indices change)."""
-    skip = [model.get_submodule(n) for n in ignored]
+    """All groups torch-pruning may prune (conv / linear roots, ``ignored`` layers of
+    ``model`` and the modules ``keep`` of the graph outside it keep their outputs), with
+    their mask taps; rebuild after every pruning step (indices change)."""
+    skip = [model.get_submodule(n) for n in ignored] + list(keep)
     out = []
     for group in dg.get_all_groups(ignored_layers=skip, root_module_types=PRUNABLE):
         root = group[0].dep.target.module

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 import torch_pruning as tp
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from threadpoolctl import threadpool_limits
+from torch import nn
 
 from detprune.pruning.importance.fisher import PRUNABLE, GroupInfo, is_out_pruning
 
@@ -67,12 +69,17 @@ def _slice_norms(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return w.pow(2).sum(-1).sqrt().double().cpu()
 
 
-def channel_descriptors(dg: tp.DependencyGraph, info: GroupInfo) -> torch.Tensor:
-    """(width, D): per channel, norms of its producing filters and consuming input slices."""
+def channel_descriptors(
+    dg: tp.DependencyGraph, info: GroupInfo, skip: Collection[nn.Module] = ()
+) -> torch.Tensor:
+    """(width, D): per channel, norms of its producing filters and consuming input slices;
+    the layers in ``skip`` (FOI's adapters, not part of the detector) are left out."""
     parts = []
     for item in info.group:
         module = item.dep.target.module
         if not isinstance(module, PRUNABLE) or getattr(module, "groups", 1) != 1:
+            continue
+        if module in skip:
             continue
         out = is_out_pruning(dg, item.dep)
         norms = _slice_norms(module.weight, 0 if out else 1)  # (pruned dim, other dim)
@@ -136,9 +143,11 @@ def iri_from_labels(labels: np.ndarray, lambda_scale: float) -> torch.Tensor:
     return torch.exp(lambda_scale * norm)
 
 
-def iri_scores(dg: tp.DependencyGraph, info: GroupInfo, cfg: IRIConfig) -> torch.Tensor:
-    """I_IRI of every channel of a group."""
-    desc = channel_descriptors(dg, info).numpy()
+def iri_scores(
+    dg: tp.DependencyGraph, info: GroupInfo, cfg: IRIConfig, skip: Collection[nn.Module] = ()
+) -> torch.Tensor:
+    """I_IRI of every channel of a group (``skip``: layers left out of the descriptors)."""
+    desc = channel_descriptors(dg, info, skip).numpy()
     return iri_from_labels(cluster_labels(desc, cfg), cfg.lambda_scale)
 
 

@@ -1,5 +1,15 @@
-"""MIEP's parts of the progressive procedure: L_info's state (moved from
-``progressive``) and the per-step log of the importance terms.
+"""MIEP's parts of the progressive procedure: L_info's state, the dependency graph that
+prunes FOI's adapters with the neck, and the per-step log of the importance terms.
+
+FOI compares the neck features of the student, through one learned 1x1 adapter per
+level, with those of the unpruned guide. The adapters consume the neck like any layer
+of the detector: :func:`dependency_graph` traces them into torch-pruning's graph, so a
+pruned neck channel takes the matching input column of every adapter with it and the
+surviving columns keep their trained weights (``foi_adapter: prune``). They are attached
+to the model only while it is traced: the model's parameters, its ``state_dict`` and the
+pruning history (whose roots are always the model's layers) never name them, and a
+checkpoint's history replays on the bare model (:func:`detprune.train.checkpoint.load_model`).
+The adapters live only in the pruning stage; no checkpoint stores them.
 
 MIEP: "Channel Pruning with Multi-granular Importance Estimation for Object Detection",
 ACM MM 2023 (doi 10.1145/3581783.3612563).
@@ -12,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from detprune.pruning.base import PruneContext
@@ -19,6 +30,10 @@ from detprune.pruning.importance.fisher import ProgressiveImportance
 from detprune.pruning.importance.foi import FeatureRecorder, InfoLoss, run_guide
 from detprune.pruning.importance.iri import IRIConfig
 from detprune.pruning.importance.miep_terms import iri_overlap, matched_foi_scale, term_totals
+
+#: The attribute FOI's adapters are attached under while the model is traced; the
+#: dependency graph names them ``_foi_adapters.<level>``.
+ADAPTERS = "_foi_adapters"
 
 
 @dataclass
@@ -66,13 +81,41 @@ def make_foi(ctx: PruneContext, model: nn.Module, guide: nn.Module, opts: dict) 
     foi = FOIState(
         FeatureRecorder(model, ctx.entry.neck_outputs, ctx.entry.cls_logits),
         FeatureRecorder(guide, ctx.entry.neck_outputs, ctx.entry.cls_logits),
-        InfoLoss(opts["foi_similarity"], bool(opts["foi_objectness"])),
+        InfoLoss(opts["foi_similarity"], bool(opts["foi_objectness"]), opts["foi_adapter"]),
         bool(opts["foi_optimize"]),
         float(opts["foi_weight"]),
         opts["foi_guide_bn"] == "batch",
     )
     foi.loss.setup(*example_features(foi, model, on_device(ctx.example, ctx.device)))
     return foi
+
+
+def adapter_modules(foi: FOIState | None) -> list[nn.Module]:
+    """The adapters the dependency graph prunes (none unless ``foi_adapter: prune``)."""
+    if foi is None or foi.loss.adapter != "prune":
+        return []
+    return list(foi.loss.adapters)
+
+
+def dependency_graph(model: nn.Module, example: Any, foi: FOIState | None) -> tp.DependencyGraph:
+    """torch-pruning's graph of ``model`` traced on ``example``; with ``foi_adapter:
+    prune`` FOI's adapters are traced too, as consumers of the neck features."""
+    adapters = adapter_modules(foi)
+    if not adapters:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=(example,))
+
+    def forward(m: nn.Module, inputs: tuple) -> list:
+        with foi.student.record():
+            out = m(*inputs)
+        return [out, [a(f) for a, f in zip(adapters, foi.student.feats, strict=True)]]
+
+    model.add_module(ADAPTERS, foi.loss.adapters)
+    try:
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=(example,), forward_fn=forward
+        )
+    finally:
+        delattr(model, ADAPTERS)
 
 
 def step_terms(

@@ -56,6 +56,11 @@ PROGRESSIVE: dict[str, Option] = {
         help='"raw": I_TLI + I_FOI as the paper | "matched": I_FOI rescaled per step so its '
         "total equals I_TLI's over the groups FOI reaches (ablation)",
     ),
+    "foi_adapter": Option(
+        "prune",
+        help='"prune": a pruned neck channel takes its input column of the 1x1 adapters with '
+        'it, the rest keep their trained weights | "refit": least-squares refit (old)',
+    ),
     "iri_algorithm": Option("hierarchical", help='"hierarchical" | "kmeans"'),
     "iri_stop": Option("ratio", help='"ratio" | "distance"'),
     "iri_ratio": Option(0.1),

@@ -47,6 +47,8 @@ from detprune.pruning.importance.foi import object_weights, run_guide
 from detprune.pruning.importance.iri import IRIConfig, iri_scores
 from detprune.pruning.procedures.miep import (
     FOIState,
+    adapter_modules,
+    dependency_graph,
     example_features,
     loss_ratio,
     make_foi,
@@ -234,13 +236,14 @@ def score_step(
     dg, opts = run.dg, run.opts
     layer_macs = run.counter(run.model, run.macs)
     costs = {g.root_name: channel_costs(dg, g, layer_macs) for g in groups}
+    skip = adapter_modules(run.foi)
     imp = ProgressiveImportance(
         fisher,
         dg,
         groups,
         tli=bool(opts["tli"]),
         foi=run.foi is not None,
-        iri=None if run.iri is None else partial(iri_scores, dg, cfg=run.iri),
+        iri=None if run.iri is None else partial(iri_scores, dg, cfg=run.iri, skip=skip),
         costs=costs if opts["normalize_flops"] else None,
     )
     terms = step_terms(imp, opts, run.iri)
@@ -269,15 +272,16 @@ def choose(
 
 
 def prune_chosen(run: Run, chosen: list[tuple[GroupInfo, list[int]]], example: Any) -> None:
-    """Remove the chosen channels through their torch-pruning groups; FOI's adapters are
-    refitted if the neck was pruned."""
+    """Remove the chosen channels through their torch-pruning groups (FOI's adapters
+    with them under ``foi_adapter: prune``; refitted after under ``refit``)."""
     for info, idxs in chosen:
         group = run.dg.get_pruning_group(info.root_module, info.pruning_fn, idxs)
         if run.dg.check_pruning_group(group):
             group.prune()
     run.macs = run.ctx.macs_fn(run.model)
     foi = run.foi
-    if foi is not None and foi.loss.refit(*example_features(foi, run.model, example)):
+    refit = foi is not None and foi.loss.adapter == "refit"
+    if refit and foi.loss.refit(*example_features(foi, run.model, example)):
         log.info("neck pruned: FOI adapters refitted")
 
 
@@ -295,7 +299,7 @@ def start(ctx: PruneContext, opts: dict[str, Any], example: Any) -> tuple[Run, n
     if opts["foi"]:
         foi = make_foi(ctx, model, ctx.teacher if ctx.teacher is not None else original, opts)
     model.eval()
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=(example,))
+    dg = dependency_graph(model, example, foi)
     iri = iri_config(opts, ctx.seed) if opts["iri"] else None
     base = ctx.macs_fn(model)
     return Run(ctx, opts, model, dg, foi, iri, widths, counter, base, base), original
@@ -344,7 +348,7 @@ def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
     steps: list[dict[str, Any]] = []
     iterations, training, clipped = 0, 0.0, 0
     while run.macs / run.base > target and len(steps) < int(opts["max_steps"]):
-        groups = prunable_groups(run.dg, run.model, ctx.ignored)
+        groups = prunable_groups(run.dg, run.model, ctx.ignored, adapter_modules(run.foi))
         tick = time.perf_counter()
         fisher, logs = train_interval(run, groups, batches, optim_cfg, clip)
         training += time.perf_counter() - tick
