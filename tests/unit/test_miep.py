@@ -256,6 +256,26 @@ def test_progressive_miep_on_the_detector(tmp_path):
     # identity adapters, guide BN on the batch's statistics: 0 before anything was pruned
     assert info[0] == pytest.approx(0.0, abs=1e-5)
     assert all(v > 1e-3 for v in info[1:])  # then the pruned student departs from the guide
+    opts = report["options"]
+    assert (opts["foi_scale"], opts["foi_adapter"], opts["iri_normalize"]) == ("raw", "prune", True)
+    for step in report["progress"]:  # the per-step log of the terms (issue 21)
+        assert step["tli_total"] > 0 and step["foi_total"] >= 0 and step["foi_scale"] == 1.0
+        assert step["foi_tli_ratio"] == pytest.approx(step["foi_total"] / step["tli_total"])
+        assert step["info_task_ratio"] == pytest.approx(step["info"] / step["loss"])
+        assert step["iri_discounted"] > 0 and 0 <= step["iri_lowest_l1_share"] <= 1
+    assert any(step["foi_total"] > 0 for step in report["progress"])
+
+
+def test_progressive_miep_ablation_options_on_the_detector(tmp_path):
+    """FOI matched to TLI, IRI on one global scale, adapters refitted: the run still
+    reaches its target and replays; the matched totals are equal at every step."""
+    options = {"foi_scale": "matched", "iri_normalize": False, "foi_adapter": "refit"}
+    report = check_progressive_run("miep", tmp_path, **options)
+    assert {k: report["options"][k] for k in options} == options
+    for step in report["progress"]:
+        if step["foi_total"] > 0:
+            matched = step["foi_scale"] * step["foi_total"]
+            assert matched == pytest.approx(step["tli_total_foi_groups"])
 
 
 @torch.no_grad()
@@ -266,7 +286,7 @@ def test_refit_fits_each_width_of_a_neck_with_levels_of_different_widths():
     student = [torch.randn(4, 3, 6, 6), torch.randn(4, 5, 3, 3)]
     maps = [nn.Conv2d(3, 4, 1), nn.Conv2d(5, 6, 1)]
     guide = [m(s) for m, s in zip(maps, student, strict=True)]
-    loss = InfoLoss("cosine", use_objectness=False)
+    loss = InfoLoss("cosine", use_objectness=False, adapter="refit")
     loss.setup([torch.randn(1, 4, 6, 6), torch.randn(1, 6, 3, 3)], guide)  # unpruned widths
     assert loss.refit(student, guide) == [0, 1]
     assert [(a.in_channels, a.out_channels) for a in loss.adapters] == [(3, 4), (5, 6)]

@@ -57,7 +57,15 @@ def example_inputs(spec: dict[str, Any]) -> torch.Tensor:
 
 
 def apply_history(model: nn.Module, spec: dict[str, Any], history: list) -> nn.Module:
-    """Replay torch-pruning's pruning history on a freshly built model."""
+    """Replay torch-pruning's pruning history on a freshly built model.
+
+    Every entry must name a layer of the model: the pruning stage may trace auxiliary
+    modules with it (MIEP's FOI adapters, pruned with the neck), but those are never the
+    root of a pruned group, so the history replays on the bare model."""
+    names = dict(model.named_modules())
+    unknown = sorted({str(entry[0]) for entry in history if str(entry[0]) not in names})
+    if unknown:
+        raise ValueError(f"pruning history names modules the model lacks: {unknown}")
     if history:
         was_training = model.training
         model.eval()
@@ -125,7 +133,12 @@ def aux_heads(ckpt: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the (possibly pruned) model stored at ``path`` and load its weights."""
     ckpt = load(path)
-    model = rebuild(ckpt["model"], ckpt["pruning_history"])
+    spec = ckpt["model"]
+    model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
+    try:
+        apply_history(model, spec, ckpt["pruning_history"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: field 'pruning_history': {exc}") from exc
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

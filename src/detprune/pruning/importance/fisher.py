@@ -88,11 +88,15 @@ def group_taps(dg: tp.DependencyGraph, group: tp.Group) -> list[Tap]:
 
 
 def prunable_groups(
-    dg: tp.DependencyGraph, model: nn.Module, ignored: Iterable[str]
+    dg: tp.DependencyGraph,
+    model: nn.Module,
+    ignored: Iterable[str],
+    keep: Iterable[nn.Module] = (),
 ) -> list[GroupInfo]:
-    """All groups torch-pruning may prune (conv / linear roots, ``ignored`` layers kept),
-    with their mask taps; rebuild after every pruning step (indices change)."""
-    skip = [model.get_submodule(n) for n in ignored]
+    """All groups torch-pruning may prune (conv / linear roots, ``ignored`` layers of
+    ``model`` and the modules ``keep`` of the graph outside it keep their outputs), with
+    their mask taps; rebuild after every pruning step (indices change)."""
+    skip = [model.get_submodule(n) for n in ignored] + list(keep)
     out = []
     for group in dg.get_all_groups(ignored_layers=skip, root_module_types=PRUNABLE):
         root = group[0].dep.target.module
@@ -261,8 +265,10 @@ def combine(
 
 class ProgressiveImportance(tp.importance.Importance):
     """torch-pruning importance that reads the accumulated mask Fisher of a group:
-    ``(I_TLI + I_FOI) * I_IRI``, divided by the MACs of one channel when ``costs`` is given
-    (GroupFisher's normalisation). Scores the channels ``group[0].idxs`` of the root layer.
+    ``(I_TLI + foi_scale * I_FOI) * I_IRI``, divided by the MACs of one channel when
+    ``costs`` is given (GroupFisher's normalisation). Scores the channels ``group[0].idxs``
+    of the root layer. ``foi_scale`` is 1 in the paper (MIEP, ACM MM 2023); the terms of a
+    group are computed once (the scores of one pruning step).
     """
 
     def __init__(
@@ -275,6 +281,7 @@ class ProgressiveImportance(tp.importance.Importance):
         foi: bool = False,
         iri: Callable[[GroupInfo], torch.Tensor] | None = None,
         costs: Mapping[str, float] | None = None,
+        foi_scale: float = 1.0,
     ) -> None:
         self.fisher, self.dg, self.tli, self.foi, self.iri, self.costs = (
             fisher,
@@ -284,10 +291,15 @@ class ProgressiveImportance(tp.importance.Importance):
             iri,
             costs,
         )
+        self.foi_scale = foi_scale
         self.groups = {g.root_name: g for g in groups}
+        self._parts: dict[str, dict[str, torch.Tensor]] = {}
 
     def components(self, root_name: str) -> dict[str, torch.Tensor]:
-        """I_TLI, I_FOI and I_IRI over the full width of a group (those switched on)."""
+        """I_TLI, I_FOI (unscaled) and I_IRI over the full width of a group (those
+        switched on)."""
+        if root_name in self._parts:
+            return self._parts[root_name]
         info = self.groups[root_name]
         out = {}
         if self.tli:
@@ -296,13 +308,16 @@ class ProgressiveImportance(tp.importance.Importance):
             out["foi"] = self.fisher.scores("foi", root_name, info.width)
         if self.iri is not None:
             out["iri"] = self.iri(info)
+        self._parts[root_name] = out
         return out
 
     @torch.no_grad()
     def __call__(self, group: tp.Group) -> torch.Tensor:
         root_name = self.dg._module2name[group[0].dep.target.module]
         parts = self.components(root_name)
-        score = combine(parts.get("tli"), parts.get("foi"), parts.get("iri"))
+        foi = parts.get("foi")
+        foi = foi * self.foi_scale if foi is not None else None
+        score = combine(parts.get("tli"), foi, parts.get("iri"))
         if self.costs is not None:
             cost = self.costs[root_name]
             score = score / cost if cost > 0 else torch.full_like(score, math.inf)

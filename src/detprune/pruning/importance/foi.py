@@ -181,14 +181,26 @@ def _adapter(c_in: int, c_out: int) -> nn.Conv2d:
 
 
 class InfoLoss(nn.Module):
-    """L_info over the neck levels, one learned 1x1 adapter per level."""
+    """L_info over the neck levels, one learned 1x1 adapter per level.
 
-    def __init__(self, similarity: str = "cosine", use_objectness: bool = True) -> None:
+    ``adapter="prune"``: the adapters are consumers of the neck like any layer, so the
+    pruning procedure registers them in its dependency graph and a pruned neck channel
+    takes their input column with it; a width that no longer matches is then an error.
+    ``adapter="refit"`` (the former behaviour): stale adapters are refitted by least
+    squares (:meth:`refit`) on the features they are next called with.
+    """
+
+    def __init__(
+        self, similarity: str = "cosine", use_objectness: bool = True, adapter: str = "prune"
+    ) -> None:
         super().__init__()
         if similarity not in ("cosine", "mse"):
             raise ValueError(f"foi_similarity must be cosine or mse, got {similarity!r}")
+        if adapter not in ("prune", "refit"):
+            raise ValueError(f"foi_adapter must be prune or refit, got {adapter!r}")
         self.similarity = similarity
         self.use_objectness = use_objectness
+        self.adapter = adapter
         self.adapters = nn.ModuleList()
 
     def setup(self, student: Sequence[torch.Tensor], guide: Sequence[torch.Tensor]) -> None:
@@ -202,7 +214,8 @@ class InfoLoss(nn.Module):
         """Refit, by ridge least squares, the adapters whose input width no longer matches
         the student (its neck was pruned); return their levels. One fit per pair of
         (student, guide) widths over the positions of all levels with those widths: every
-        level of an FPN neck shares one fit, SSD's levels of different widths get their own."""
+        level of an FPN neck shares one fit, SSD's levels of different widths get their own.
+        Only with ``adapter="refit"``: it discards what the adapters learned (issue 21)."""
         stale = [i for i, s in enumerate(student) if self.adapters[i].in_channels != s.shape[1]]
         by_width: dict[tuple[int, int], list[int]] = {}
         for i in stale:
@@ -223,6 +236,19 @@ class InfoLoss(nn.Module):
                 self.adapters[i] = conv
         return stale
 
+    def check_widths(self, student: Sequence[torch.Tensor]) -> None:
+        """Raise if an adapter's input width is not its level's (pruned without it)."""
+        stale = {
+            i: (self.adapters[i].in_channels, s.shape[1])
+            for i, s in enumerate(student)
+            if self.adapters[i].in_channels != s.shape[1]
+        }
+        if stale:
+            raise RuntimeError(
+                f"FOI adapters (level: adapter, neck width) {stale}: with foi_adapter "
+                "'prune' the adapters must be pruned with the neck"
+            )
+
     def forward(
         self,
         student: Sequence[torch.Tensor],
@@ -232,7 +258,10 @@ class InfoLoss(nn.Module):
         """L_info summed over the levels (0 when adapted student and guide agree)."""
         if len(self.adapters) != len(student):
             self.setup(student, guide)
-        self.refit(student, guide)
+        if self.adapter == "refit":
+            self.refit(student, guide)
+        else:
+            self.check_widths(student)
         total = student[0].new_zeros(())
         for adapter, s, g, w in zip(self.adapters, student, guide, weights, strict=True):
             a = adapter(s)

@@ -6,6 +6,14 @@ consuming input slices (one per output channel of every layer reading it); the c
 of the group are clustered and a channel in a large cluster is redundant:
 ``I~(i) = C / |cluster(i)|``, ``I_IRI(i) = exp(lambda_scale * minmax(I~)(i))``.
 
+Each descriptor is scaled to unit L2 norm before clustering (``normalize``, the paper's
+distance threshold 0.8 reads as one on unit-scale descriptors): the clustering then
+compares the shapes of the channels, not their magnitudes. With one global scale instead
+(``normalize=False``, this module's former behaviour) the channels of lowest norm lie
+closest to each other and are merged first, so IRI discounts a layer's weakest channels,
+a magnitude prior re-applied at every progressive step; :func:`lowest_l1_overlap`
+measures how much of that happens.
+
 MIEP: "Channel Pruning with Multi-granular Importance Estimation for Object Detection",
 ACM MM 2023 (doi 10.1145/3581783.3612563).
 """
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +30,7 @@ import torch
 import torch_pruning as tp
 from sklearn.cluster import AgglomerativeClustering, KMeans
 from threadpoolctl import threadpool_limits
+from torch import nn
 
 from detprune.pruning.importance.fisher import PRUNABLE, GroupInfo, is_out_pruning
 
@@ -28,8 +38,9 @@ from detprune.pruning.importance.fisher import PRUNABLE, GroupInfo, is_out_pruni
 @dataclass(frozen=True)
 class IRIConfig:
     """Clustering of IRI: ``algorithm`` hierarchical | kmeans, ``stop`` ratio | distance
-    (hierarchical only), ``ratio`` share of channels merged, ``distance`` merge threshold on
-    descriptors scaled to unit mean norm, ``linkage`` of the hierarchical clustering."""
+    (hierarchical only), ``ratio`` share of channels merged, ``distance`` merge threshold,
+    ``linkage`` of the hierarchical clustering; ``normalize``: each descriptor to unit L2
+    norm (else all of a group's descriptors by one scale, to unit mean norm)."""
 
     algorithm: str = "hierarchical"
     stop: str = "ratio"
@@ -38,6 +49,7 @@ class IRIConfig:
     linkage: str = "ward"
     lambda_scale: float = 2.0
     seed: int = 0
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("hierarchical", "kmeans"):
@@ -57,12 +69,17 @@ def _slice_norms(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return w.pow(2).sum(-1).sqrt().double().cpu()
 
 
-def channel_descriptors(dg: tp.DependencyGraph, info: GroupInfo) -> torch.Tensor:
-    """(width, D): per channel, norms of its producing filters and consuming input slices."""
+def channel_descriptors(
+    dg: tp.DependencyGraph, info: GroupInfo, skip: Collection[nn.Module] = ()
+) -> torch.Tensor:
+    """(width, D): per channel, norms of its producing filters and consuming input slices;
+    the layers in ``skip`` (FOI's adapters, not part of the detector) are left out."""
     parts = []
     for item in info.group:
         module = item.dep.target.module
         if not isinstance(module, PRUNABLE) or getattr(module, "groups", 1) != 1:
+            continue
+        if module in skip:
             continue
         out = is_out_pruning(dg, item.dep)
         norms = _slice_norms(module.weight, 0 if out else 1)  # (pruned dim, other dim)
@@ -76,13 +93,22 @@ def channel_descriptors(dg: tp.DependencyGraph, info: GroupInfo) -> torch.Tensor
     return torch.cat(parts, dim=1)
 
 
+def scaled(desc: np.ndarray, normalize: bool) -> np.ndarray:
+    """The descriptors the clustering sees: each row at unit L2 norm (rows of norm 0 stay
+    0), or with ``normalize=False`` all rows divided by their mean norm."""
+    norms = np.linalg.norm(desc, axis=1)
+    if normalize:
+        return desc / np.where(norms > 0, norms, 1.0)[:, None]
+    scale = norms.mean()
+    return desc / scale if scale > 0 else desc
+
+
 def cluster_labels(desc: np.ndarray, cfg: IRIConfig) -> np.ndarray:
     """Cluster label of each channel (rows of ``desc``)."""
     n = desc.shape[0]
     if n < 2:
         return np.zeros(n, dtype=int)
-    scale = np.linalg.norm(desc, axis=1).mean()
-    x = desc / scale if scale > 0 else desc
+    x = scaled(desc, cfg.normalize)
     if cfg.stop == "distance":
         algo = AgglomerativeClustering(
             n_clusters=None, distance_threshold=cfg.distance, linkage=cfg.linkage
@@ -117,7 +143,25 @@ def iri_from_labels(labels: np.ndarray, lambda_scale: float) -> torch.Tensor:
     return torch.exp(lambda_scale * norm)
 
 
-def iri_scores(dg: tp.DependencyGraph, info: GroupInfo, cfg: IRIConfig) -> torch.Tensor:
-    """I_IRI of every channel of a group."""
-    desc = channel_descriptors(dg, info).numpy()
+def iri_scores(
+    dg: tp.DependencyGraph, info: GroupInfo, cfg: IRIConfig, skip: Collection[nn.Module] = ()
+) -> torch.Tensor:
+    """I_IRI of every channel of a group (``skip``: layers left out of the descriptors)."""
+    desc = channel_descriptors(dg, info, skip).numpy()
     return iri_from_labels(cluster_labels(desc, cfg), cfg.lambda_scale)
+
+
+def lowest_l1_overlap(info: GroupInfo, iri: torch.Tensor, lambda_scale: float) -> tuple[int, int]:
+    """(discounted, overlap): how many channels of a group IRI discounts (``I_IRI`` below
+    its maximum ``exp(lambda_scale)``) and how many of them are among the same number of
+    channels of lowest L1 norm of the group's root layer (its output filters)."""
+    discounted = iri < math.exp(lambda_scale) * (1 - 1e-9)
+    k = int(discounted.sum())
+    if k == 0:
+        return 0, 0
+    weight = info.root_module.weight.detach()
+    rows = torch.as_tensor(list(info.group[0].idxs), dtype=torch.long)
+    l1 = weight.flatten(1).abs().sum(1).double().cpu()[rows]
+    lowest = torch.zeros_like(discounted)
+    lowest[torch.argsort(l1, stable=True)[:k]] = True
+    return k, int((discounted & lowest).sum())

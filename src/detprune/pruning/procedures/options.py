@@ -51,12 +51,27 @@ PROGRESSIVE: dict[str, Option] = {
     "foi_guide_bn": Option(
         "batch", help='guide BN uses the batch statistics like the student | "eval"'
     ),
+    "foi_scale": Option(
+        "raw",
+        help='"raw": I_TLI + I_FOI as the paper | "matched": I_FOI rescaled per step so its '
+        "total equals I_TLI's over the groups FOI reaches (ablation)",
+    ),
+    "foi_adapter": Option(
+        "prune",
+        help='"prune": a pruned neck channel takes its input column of the 1x1 adapters with '
+        'it, the rest keep their trained weights | "refit": least-squares refit (old)',
+    ),
     "iri_algorithm": Option("hierarchical", help='"hierarchical" | "kmeans"'),
     "iri_stop": Option("ratio", help='"ratio" | "distance"'),
     "iri_ratio": Option(0.1),
     "iri_distance": Option(0.8),
     "iri_linkage": Option("ward"),
     "iri_lambda": Option(2.0),
+    "iri_normalize": Option(
+        True,
+        help="unit L2 norm per channel descriptor before clustering (false: one global "
+        "scale, which merges a layer's lowest-norm channels first)",
+    ),
 }
 
 #: The auxiliary heads and default boxes of DCP/LCP, shared by the stage-wise procedure

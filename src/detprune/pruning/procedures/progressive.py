@@ -7,7 +7,9 @@ is accumulated; then the least important channels over all prunable torch-prunin
 go (``(I_TLI + I_FOI) * I_IRI``, divided by the MACs one channel of the group costs when
 ``normalize_flops``), the accumulators are reset and the optimizer rebuilt. Each step
 removes about ``1/steps`` of the MACs still to go; near the target the step shrinks (down
-to one channel) so the kept share lands within ``tolerance`` of the target.
+to one channel) so the kept share lands within ``tolerance`` of the target. Each step's
+entry of the report's ``progress`` also logs the totals of the importance terms, IRI's
+overlap with magnitude and L_info over the task loss (:mod:`.miep`).
 
 Liu et al., "Group Fisher Pruning for Practical Network Compression", ICML 2021; MIEP,
 ACM MM 2023 (doi 10.1145/3581783.3612563).
@@ -19,7 +21,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -41,8 +43,18 @@ from detprune.pruning.importance.fisher import (
     prunable_groups,
     slots,
 )
-from detprune.pruning.importance.foi import FeatureRecorder, InfoLoss, object_weights, run_guide
+from detprune.pruning.importance.foi import object_weights, run_guide
 from detprune.pruning.importance.iri import IRIConfig, iri_scores
+from detprune.pruning.procedures.miep import (
+    FOIState,
+    adapter_modules,
+    dependency_graph,
+    example_features,
+    loss_ratio,
+    make_foi,
+    on_device,
+    step_terms,
+)
 from detprune.pruning.procedures.oneshot import make_report
 from detprune.pruning.procedures.options import PROGRESSIVE, SHARED
 from detprune.train.engine import build_optimizer
@@ -70,6 +82,7 @@ def iri_config(opts: Mapping[str, Any], seed: int) -> IRIConfig:
         opts["iri_linkage"],
         float(opts["iri_lambda"]),
         seed,
+        bool(opts["iri_normalize"]),
     )
 
 
@@ -158,56 +171,6 @@ class LayerMacs:
         return {n: v * scale for n, v in cur.items()}
 
 
-@dataclass
-class FOIState:
-    """What L_info needs during the pruning stage."""
-
-    student: FeatureRecorder
-    guide: FeatureRecorder
-    loss: InfoLoss
-    optimize: bool
-    weight: float
-    guide_batch_stats: bool = True
-
-
-def _on_device(example: Any, device: torch.device) -> Any:
-    if torch.is_tensor(example):
-        return example.to(device)
-    return [x.to(device) for x in example]
-
-
-@torch.no_grad()
-def _example_features(
-    foi: FOIState, model: nn.Module, example: Any
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Neck features of the student and of the guide on the tracing example (eval mode)."""
-    was = model.training
-    model.eval()
-    with foi.student.record():
-        model(example)
-    model.train(was)
-    feats, _ = run_guide(foi.guide, example, None)
-    return foi.student.feats, feats
-
-
-def _make_foi(ctx: PruneContext, model: nn.Module, guide: nn.Module, opts: dict) -> FOIState:
-    if not ctx.entry.neck_outputs:
-        raise ValueError(f"{ctx.spec.get('name')}: FOI needs the entry's neck_outputs")
-    if opts["foi_guide_bn"] not in ("batch", "eval"):
-        raise ValueError(f"foi_guide_bn must be batch or eval, got {opts['foi_guide_bn']!r}")
-    guide = guide.to(ctx.device).eval().requires_grad_(False)
-    foi = FOIState(
-        FeatureRecorder(model, ctx.entry.neck_outputs, ctx.entry.cls_logits),
-        FeatureRecorder(guide, ctx.entry.neck_outputs, ctx.entry.cls_logits),
-        InfoLoss(opts["foi_similarity"], bool(opts["foi_objectness"])),
-        bool(opts["foi_optimize"]),
-        float(opts["foi_weight"]),
-        opts["foi_guide_bn"] == "batch",
-    )
-    foi.loss.setup(*_example_features(foi, model, _on_device(ctx.example, ctx.device)))
-    return foi
-
-
 def train_step(
     model: nn.Module,
     batch: tuple[list, list],
@@ -249,18 +212,83 @@ def train_step(
     return out
 
 
-def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
-    """Progressive pruning of ``ctx.model`` (in place) to ``target`` of its MACs."""
-    start = time.perf_counter()
-    opts = resolve_options(method, ctx.options)
-    tol = float(opts.get("tolerance", 0.02))
+@dataclass
+class Run:
+    """The state of a progressive run between its steps."""
+
+    ctx: PruneContext
+    opts: dict[str, Any]
+    model: nn.Module
+    dg: tp.DependencyGraph
+    foi: FOIState | None
+    iri: IRIConfig | None
+    widths: dict[str, int]
+    counter: LayerMacs
+    base: float
+    macs: float
+
+
+def score_step(
+    run: Run, groups: list[GroupInfo], fisher: MaskFisher
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, Any]]:
+    """The scores of every group after a step's training, the MACs one of its channels
+    costs, and the importance terms for the step's log (:func:`miep.step_terms`)."""
+    dg, opts = run.dg, run.opts
+    layer_macs = run.counter(run.model, run.macs)
+    costs = {g.root_name: channel_costs(dg, g, layer_macs) for g in groups}
+    skip = adapter_modules(run.foi)
+    imp = ProgressiveImportance(
+        fisher,
+        dg,
+        groups,
+        tli=bool(opts["tli"]),
+        foi=run.foi is not None,
+        iri=None if run.iri is None else partial(iri_scores, dg, cfg=run.iri, skip=skip),
+        costs=costs if opts["normalize_flops"] else None,
+    )
+    terms = step_terms(imp, opts, run.iri)
+    return {g.root_name: imp(g.group) for g in groups}, costs, terms
+
+
+def choose(
+    run: Run, groups: list[GroupInfo], scores: dict, costs: dict, done: int, target: float
+) -> list[tuple[GroupInfo, list[int]]]:
+    """The channels this step removes: about ``1/steps`` of the MACs still to go."""
+    opts, tol = run.opts, float(run.opts.get("tolerance", 0.02))
+    # aim a little below the target (first-order costs overestimate what goes), never
+    # past half the tolerance
+    remaining = run.macs - target * (1 - tol / 4) * run.base
+    planned = max(int(opts["steps"]) - done, 1)
+    return select_channels(
+        groups,
+        scores,
+        costs,
+        min_widths(run.dg, groups, run.widths, float(opts.get("max_layer_ratio", 0.9))),
+        remaining=remaining,
+        budget=remaining / planned,
+        allowance=run.macs - target * (1 - tol / 2) * run.base,
+        count=opts["channels_per_step"],
+    )
+
+
+def prune_chosen(run: Run, chosen: list[tuple[GroupInfo, list[int]]], example: Any) -> None:
+    """Remove the chosen channels through their torch-pruning groups (FOI's adapters
+    with them under ``foi_adapter: prune``; refitted after under ``refit``)."""
+    for info, idxs in chosen:
+        group = run.dg.get_pruning_group(info.root_module, info.pruning_fn, idxs)
+        if run.dg.check_pruning_group(group):
+            group.prune()
+    run.macs = run.ctx.macs_fn(run.model)
+    foi = run.foi
+    refit = foi is not None and foi.loss.adapter == "refit"
+    if refit and foi.loss.refit(*example_features(foi, run.model, example)):
+        log.info("neck pruned: FOI adapters refitted")
+
+
+def start(ctx: PruneContext, opts: dict[str, Any], example: Any) -> tuple[Run, nn.Module]:
+    """The run's state before its first step, and a copy of the unpruned model."""
     model = ctx.model.to(ctx.device)
     original = copy.deepcopy(model)
-    base = ctx.macs_fn(model)
-    macs = base
-    example = _on_device(ctx.example, ctx.device)
-    model.eval()
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=(example,))
     widths = {
         n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
         for n, m in model.named_modules()
@@ -269,8 +297,46 @@ def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
     counter = LayerMacs(model, ctx)
     foi = None
     if opts["foi"]:
-        foi = _make_foi(ctx, model, ctx.teacher if ctx.teacher is not None else original, opts)
+        foi = make_foi(ctx, model, ctx.teacher if ctx.teacher is not None else original, opts)
+    model.eval()
+    dg = dependency_graph(model, example, foi)
     iri = iri_config(opts, ctx.seed) if opts["iri"] else None
+    base = ctx.macs_fn(model)
+    return Run(ctx, opts, model, dg, foi, iri, widths, counter, base, base), original
+
+
+def train_interval(
+    run: Run, groups: list[GroupInfo], batches: Iterator, optim_cfg: dict, clip: float | None
+) -> tuple[MaskFisher, list[dict[str, float]]]:
+    """A step's ``interval`` training iterations, accumulating the mask Fisher of every
+    group (the optimizer rebuilt for the current widths, FOI's adapters with it)."""
+    model, foi = run.model, run.foi
+    fisher = MaskFisher(model, groups, run.opts["coupling"])
+    optimizer = build_optimizer(model, optim_cfg)
+    if foi is not None:
+        optimizer.add_param_group({"params": list(foi.loss.parameters()), "weight_decay": 0.0})
+    logs = [
+        train_step(model, next(batches), fisher, optimizer, foi, clip)
+        for _ in range(int(run.opts["interval"]))
+    ]
+    model.eval()
+    return fisher, logs
+
+
+def step_record(run: Run, chosen: list, logs: list[dict[str, float]], terms: dict) -> dict:
+    """The step's entry of the report's ``progress``: MACs kept, channels removed, the mean
+    losses (and L_info over the task loss), the importance terms (:func:`miep.step_terms`)."""
+    mean = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0] if k != "clipped"}
+    channels = sum(len(i) for _, i in chosen)
+    return {"kept": run.macs / run.base, "channels": channels, **mean, **loss_ratio(mean), **terms}
+
+
+def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
+    """Progressive pruning of ``ctx.model`` (in place) to ``target`` of its MACs."""
+    began = time.perf_counter()
+    opts = resolve_options(method, ctx.options)
+    example = on_device(ctx.example, ctx.device)
+    run, original = start(ctx, opts, example)
     sched = ctx.schedule
     optim_cfg = {
         "lr": float(sched.get("lr", 0.01)) * float(opts["lr_scale"]),
@@ -281,81 +347,42 @@ def procedure(ctx: PruneContext, method: Method, target: float) -> PruneResult:
     batches = ctx.batches()
     steps: list[dict[str, Any]] = []
     iterations, training, clipped = 0, 0.0, 0
-    while macs / base > target and len(steps) < int(opts["max_steps"]):
-        groups = prunable_groups(dg, model, ctx.ignored)
-        fisher = MaskFisher(model, groups, opts["coupling"])
-        optimizer = build_optimizer(model, optim_cfg)
-        if foi is not None:
-            optimizer.add_param_group({"params": list(foi.loss.parameters()), "weight_decay": 0.0})
+    while run.macs / run.base > target and len(steps) < int(opts["max_steps"]):
+        groups = prunable_groups(run.dg, run.model, ctx.ignored, adapter_modules(run.foi))
         tick = time.perf_counter()
-        logs = [
-            train_step(model, next(batches), fisher, optimizer, foi, clip)
-            for _ in range(int(opts["interval"]))
-        ]
+        fisher, logs = train_interval(run, groups, batches, optim_cfg, clip)
         training += time.perf_counter() - tick
         iterations += len(logs)
-        model.eval()
-        layer_macs = counter(model, macs)
-        costs = {g.root_name: channel_costs(dg, g, layer_macs) for g in groups}
-        imp = ProgressiveImportance(
-            fisher,
-            dg,
-            groups,
-            tli=bool(opts["tli"]),
-            foi=foi is not None,
-            iri=None if iri is None else partial(iri_scores, dg, cfg=iri),
-            costs=costs if opts["normalize_flops"] else None,
-        )
-        scores = {g.root_name: imp(g.group) for g in groups}
-        # aim a little below the target (first-order costs overestimate what goes), never
-        # past half the tolerance
-        remaining = macs - target * (1 - tol / 4) * base
-        planned = max(int(opts["steps"]) - len(steps), 1)
-        chosen = select_channels(
-            groups,
-            scores,
-            costs,
-            min_widths(dg, groups, widths, float(opts.get("max_layer_ratio", 0.9))),
-            remaining=remaining,
-            budget=remaining / planned,
-            allowance=macs - target * (1 - tol / 2) * base,
-            count=opts["channels_per_step"],
-        )
+        scores, costs, terms = score_step(run, groups, fisher)
+        chosen = choose(run, groups, scores, costs, len(steps), target)
         if not chosen:
-            log.warning("progressive pruning: no channel left to prune at %.4f", macs / base)
+            log.warning("progressive pruning: no channel left at %.4f", run.macs / run.base)
             break
-        for info, idxs in chosen:
-            group = dg.get_pruning_group(info.root_module, info.pruning_fn, idxs)
-            if dg.check_pruning_group(group):
-                group.prune()
-        macs = ctx.macs_fn(model)
-        if foi is not None and foi.loss.refit(*_example_features(foi, model, example)):
-            log.info("neck pruned: FOI adapters refitted")
-        mean = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0] if k != "clipped"}
+        prune_chosen(run, chosen, example)
         clipped += sum(int(d.get("clipped", 0)) for d in logs)
-        steps.append({"kept": macs / base, "channels": sum(len(i) for _, i in chosen), **mean})
+        steps.append(step_record(run, chosen, logs, terms))
         log.info(
             "step %d: removed %d channels, kept %.4f of MACs (target %.3f), loss %.3f",
             len(steps),
             steps[-1]["channels"],
-            macs / base,
+            steps[-1]["kept"],
             target,
-            mean["loss"],
+            steps[-1]["loss"],
         )
-    model.eval()
+    run.model.eval()
     report = make_report(
         original,
-        model,
+        run.model,
         target,
-        base,
-        macs,
-        tol,
+        run.base,
+        run.macs,
+        float(opts.get("tolerance", 0.02)),
         steps=len(steps),
         iterations=iterations,
         clipped_iterations=clipped,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - began,
         seconds_training=training,
         progress=steps,
         options={k: opts[k] for k in DEFAULTS},
     )
-    return PruneResult(model, dg.pruning_history(), report)
+    return PruneResult(run.model, run.dg.pruning_history(), report)
