@@ -12,8 +12,14 @@ found by bisection (``prune.options.<gcp>.allocation``):
   growing and a larger k only grows the groups below it, so what the saturated groups
   cannot give is spread over the rest (water-filling).
 - ``saturating``: fraction_g = min(1, f_g * k), the earlier rule, kept for ablations: at
-  10 % FLOPs on fasterrcnn_narrow_fpn it took the neck, stride-32 and head groups to 1,
-  so FPN, RPN conv, fc6 / fc7 and layer3 / 4 kept 4 channels each (0.0 mAP).
+  10 % FLOPs on fasterrcnn_narrow_fpn with the YOLOv4 pattern extrapolated to its stride
+  groups it took the neck, stride-32 and head groups to 1, so FPN, RPN conv, fc6 / fc7 and
+  layer3 / 4 kept 4 channels each (0.0 mAP).
+
+The relative fractions f_g (:func:`default_fractions`): the authors' for the YOLOv4
+entries, equal for every other detector (the paper gives none); ``fractions`` overrides.
+With the default cap of 0.9 the authors' 0.97 (stride-32 + SPP) is capped once k > 0.93;
+``max_layer_ratio: 0.99`` lifts the cap and the per-layer floor toward the authors' setting.
 
 Nothing here imports torch: the plans and their FLOPs come in as a function of k.
 """
@@ -29,31 +35,42 @@ log = logging.getLogger("detprune.prune.gcp")
 
 ALLOCATIONS = ("capped", "saturating")
 
-# Relative fractions in the pattern of the authors' YOLOv4 setting (0.18 / 0.50 / 0.97
-# for the shallow, middle and deep backbone, 0.865 / 0.68 for the neck parts): shallow
-# stages lose least, deep stages most. A FLOPs target rescales them by one factor.
-DEFAULT_FRACTIONS: dict[str, float] = {
-    "stride2": 0.1,
-    "stride4": 0.18,
-    "stride8": 0.34,
-    "stride16": 0.5,
-    "stride32": 0.97,
-    "stride64": 0.97,
-    "neck": 0.865,
-    "head": 0.68,
+# The authors' YOLOv4 fractions (their public code: 5 groups split at darknet layers 56, 86,
+# 117, 137, 162), keyed by the YOLOv4 entries' group names, which follow the same splits:
+# stem to the stride-16 downsample, the stride-16 stage, the stride-32 stage with SPP, the
+# top-down PAN, the bottom-up PAN with the heads.
+AUTHORS_YOLOV4: dict[str, float] = {
+    "backbone_early": 0.18,
+    "backbone_late": 0.50,
+    "spp": 0.97,
+    "pan": 0.865,
+    "heads": 0.68,
 }
-FALLBACK_FRACTION = 0.5  # groups whose name is not in DEFAULT_FRACTIONS
+# Any other detector: the paper gives no fractions, so every group starts equal and the
+# FLOPs target scales them together (within-group |gamma| ranking decides the channels).
+# Chosen on the val split (benchmarks/method_fidelity.md): on fasterrcnn_narrow_fpn at 10 %
+# FLOPs, equal fractions gave 27.9 val AP, the YOLOv4 pattern extrapolated to its stride
+# groups (deep stages and heads lose most) 6.6.
+FALLBACK_FRACTION = 0.5
+
+
+def default_fractions(groups: Mapping[str, Any]) -> dict[str, float]:
+    """The authors' fractions for a YOLOv4 entry (exactly their five groups), else equal."""
+    if set(groups) == set(AUTHORS_YOLOV4):
+        return dict(AUTHORS_YOLOV4)
+    return dict.fromkeys(groups, FALLBACK_FRACTION)
 
 
 def group_fractions(groups: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
-    """The defaults for the entry's groups, overridden by ``options['fractions']``."""
+    """:func:`default_fractions` of the entry's groups, overridden by ``options['fractions']``."""
     given = dict(options.get("fractions") or {})
     unknown = sorted(set(given) - set(groups))
     if unknown:
         raise KeyError(
             f"prune.options.<gcp>.fractions: unknown groups {unknown}; known: {sorted(groups)}"
         )
-    out = {g: float(given.get(g, DEFAULT_FRACTIONS.get(g, FALLBACK_FRACTION))) for g in groups}
+    defaults = default_fractions(groups)
+    out = {g: float(given.get(g, defaults[g])) for g in groups}
     bad = {g: f for g, f in out.items() if not 0 <= f <= 1}
     if bad:
         raise ValueError(f"prune.options.<gcp>.fractions: not in [0, 1]: {bad}")
