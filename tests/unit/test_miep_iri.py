@@ -84,7 +84,7 @@ def test_channels_of_one_shape_merge_whatever_their_norms_and_no_discount_no_ove
     assert lowest_l1_overlap(info, nothing, 2.0) == (0, 0)
 
 
-def test_iri_normalize_option_defaults_to_the_fix():
-    assert DEFAULTS["iri_normalize"] is True
-    assert iri_config(DEFAULTS, 0).normalize is True
-    assert iri_config({**DEFAULTS, "iri_normalize": False}, 0).normalize is False
+def test_iri_normalize_option_defaults_to_the_global_scale_chosen_on_val():
+    assert DEFAULTS["iri_normalize"] is False
+    assert iri_config(DEFAULTS, 0).normalize is False
+    assert iri_config({**DEFAULTS, "iri_normalize": True}, 0).normalize is True
