@@ -115,6 +115,11 @@ def test_normalised_reconstruction_keeps_a_channel_only_the_small_scale_consumer
     energy = rel_recon.energy
     assert energy == raw_recon.energy
     assert 1e3 < energy["big"] / energy["small"] < 1e5  # the raw errors' scales
+    # with no channel selected every consumer weighs the same, and the term keeps the raw
+    # sum's overall scale (its balance with the auxiliary loss and the SGD step)
+    share = {n: rel_recon.weight[n] * e for n, e in energy.items()}
+    assert share["big"] == pytest.approx(share["small"])
+    assert sum(share.values()) == pytest.approx(sum(energy.values()))
     # summed raw, the big consumer's gradients decide every round: channel 3 is dropped
     assert raw == [0, 1, 2]
     # relative errors: channel 3 is all of the small consumer's output, kept first
@@ -270,7 +275,7 @@ def test_dcp_prunes_the_detector_to_the_flops_target(tmp_path: Path):
         "sgd_iters": 1,
         "aux_batches": 1,
         "aux_iters": 5,
-        "recon_normalize": True,
+        "recon_normalize": False,
     }
     for g in dcp["groups"]:
         assert g["per_round"] == -(-g["kept"] // 2) and g["rounds"] <= 2
