@@ -257,7 +257,11 @@ def test_progressive_miep_on_the_detector(tmp_path):
     assert info[0] == pytest.approx(0.0, abs=1e-5)
     assert all(v > 1e-3 for v in info[1:])  # then the pruned student departs from the guide
     opts = report["options"]
-    assert (opts["foi_scale"], opts["foi_adapter"], opts["iri_normalize"]) == ("raw", "prune", True)
+    assert (opts["foi_scale"], opts["foi_adapter"], opts["iri_normalize"]) == (
+        "raw",
+        "prune",
+        False,
+    )
     for step in report["progress"]:  # the per-step log of the terms (issue 21)
         assert step["tli_total"] > 0 and step["foi_total"] >= 0 and step["foi_scale"] == 1.0
         assert step["foi_tli_ratio"] == pytest.approx(step["foi_total"] / step["tli_total"])
@@ -267,9 +271,9 @@ def test_progressive_miep_on_the_detector(tmp_path):
 
 
 def test_progressive_miep_ablation_options_on_the_detector(tmp_path):
-    """FOI matched to TLI, IRI on one global scale, adapters refitted: the run still
+    """FOI matched to TLI, IRI on unit-norm descriptors, adapters refitted: the run still
     reaches its target and replays; the matched totals are equal at every step."""
-    options = {"foi_scale": "matched", "iri_normalize": False, "foi_adapter": "refit"}
+    options = {"foi_scale": "matched", "iri_normalize": True, "foi_adapter": "refit"}
     report = check_progressive_run("miep", tmp_path, **options)
     assert {k: report["options"][k] for k in options} == options
     for step in report["progress"]:
