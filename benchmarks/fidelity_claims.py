@@ -46,6 +46,9 @@ def main(results: str) -> None:
     for pct in ("25", "10"):
         for a, b, claim in PAIRS:
             ra, rb = records(results, a, pct), records(results, b, pct)
+            if not ra or not rb:
+                print(f"| {pct} % | {claim} | {a} n={len(ra)}, {b} n={len(rb)} | | not run |")
+                continue
             lo, hi = delta_interval([v for _, v in ra], [v for _, v in rb])
             ma, mb = (100 * np.mean([ap for ap, _ in r]) for r in (ra, rb))
             print(

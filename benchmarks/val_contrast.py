@@ -50,8 +50,11 @@ def _run(cmd: list[str], log: Path) -> None:
         subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT)
 
 
-def chain(results: Path, work: Path, overrides: list[str], method: str, flops: float) -> dict:
-    """Sparse (if ``method`` needs it) -> prune -> fine-tune -> evaluate on val, in ``work``."""
+def chain(
+    results: Path, work: Path, overrides: list[str], method: str, flops: float, before: bool = False
+) -> dict:
+    """Sparse (if ``method`` needs it) -> prune -> fine-tune -> evaluate on val, in ``work``;
+    with ``before``, the pruned model is scored on val too, before fine-tuning."""
     work.mkdir(parents=True, exist_ok=True)
     common = ["--config", str(configure(work, overrides)), "--threads", "1"]
     data, log = results / "data/synth", work / "log.txt"
@@ -66,16 +69,21 @@ def chain(results: Path, work: Path, overrides: list[str], method: str, flops: f
     _run(["detprune", "prune", *common, "--method", method, "--flops", str(flops),
           "--checkpoint", str(source), *train, "--out", str(work / "pruned.pt"),
           "--summary", str(work / "pruned.json")], log)  # fmt: skip
+    val = ["--ann", str(data / "instances_val.json"), "--images", str(data / "val")]
+    val += ["--split", "val", "--method", method, "--flops", str(flops)]
+    row: dict[str, Any] = {}
+    if before:
+        _run(["detprune", "evaluate", *common, *val, "--checkpoint", str(work / "pruned.pt"),
+              "--out", str(work / "val_before.json")], log)  # fmt: skip
+        row["before_AP"] = json.loads((work / "val_before.json").read_text())["metrics"]["AP"]
     _run(["detprune", "finetune", *common, "--method", method, "--checkpoint",
           str(work / "pruned.pt"), "--teacher", str(base), *train,
           "--out", str(work / "finetuned.pt")], log)  # fmt: skip
-    _run(["detprune", "evaluate", *common, "--method", method, "--flops", str(flops),
-          "--checkpoint", str(work / "finetuned.pt"), "--ann", str(data / "instances_val.json"),
-          "--images", str(data / "val"), "--split", "val",
+    _run(["detprune", "evaluate", *common, *val, "--checkpoint", str(work / "finetuned.pt"),
           "--out", str(work / "val.json")], log)  # fmt: skip
     record: dict[str, Any] = json.loads((work / "val.json").read_text())
     summary = json.loads((work / "pruned.json").read_text())
-    return {"val_AP": record["metrics"]["AP"], "kept": summary["flops_kept"], "work": work}
+    return {**row, "val_AP": record["metrics"]["AP"], "kept": summary["flops_kept"], "work": work}
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -92,6 +100,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--variant", action="append", required=True, help="label:key=value;...")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--before", action="store_true", help="score the pruned model on val too")
     args = p.parse_args()
     variants = [parse_variant(v) for v in args.variant]
 
@@ -99,15 +108,18 @@ def main() -> None:
         label, overrides = v
         work = args.work / f"{args.method}_{args.flops:g}_{label}"
         return {"label": label, "overrides": overrides, **chain(
-            args.results, work, overrides, args.method, args.flops)}  # fmt: skip
+            args.results, work, overrides, args.method, args.flops, args.before)}  # fmt: skip
 
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(one, variants))
     print(f"{args.method} at {args.flops:.0%} FLOPs, val split (150 images), seed 0")
-    print("| variant | overrides | FLOPs kept | val AP |\n|---|---|---:|---:|")
+    extra = " val AP before fine-tuning |" if args.before else ""
+    print(f"| variant | overrides | FLOPs kept |{extra} val AP |")
+    print("|---|---|---:|" + ("---:|" if args.before else "") + "---:|")
     for r in rows:
         shown = "; ".join(r["overrides"]) or "defaults"
-        print(f"| {r['label']} | `{shown}` | {r['kept']:.3f} | {100 * r['val_AP']:.1f} |")
+        pre = f" {100 * r['before_AP']:.1f} |" if args.before else ""
+        print(f"| {r['label']} | `{shown}` | {r['kept']:.3f} |{pre} {100 * r['val_AP']:.1f} |")
 
 
 if __name__ == "__main__":
