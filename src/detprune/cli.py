@@ -149,6 +149,15 @@ def cmd_table(a: argparse.Namespace) -> None:
         log.info("wrote %s", p)
 
 
+def cmd_claims(a: argparse.Namespace) -> None:
+    from detprune.report.ledger import claims_ledger
+
+    for p in claims_ledger(
+        a.claims, a.profile, a.results, a.tables, a.csv, a.md, reported=a.reported
+    ):
+        log.info("wrote %s", p)
+
+
 def cmd_list(a: argparse.Namespace) -> None:
     if a.what == "models":
         from detprune.models import MODELS
@@ -353,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures-dir", required=True, help="folder for the .png figure")
     p.add_argument("--log", default=None, help="also write the log to this file")
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("claims", help="the papers' claims read against a table run")
+    p.add_argument("--claims", default="config/claims.yaml", help="the claims file")
+    p.add_argument("--reported", default="config/reported.yaml", help="reported numbers")
+    p.add_argument("--profile", required=True, choices=["mini", "paper"])
+    p.add_argument("--results", required=True, help="results root of the table run")
+    p.add_argument("--tables", nargs="+", required=True, help="the run's tables, each name[:seeds]")
+    p.add_argument("--csv", required=True, help="the ledger as csv")
+    p.add_argument("--md", required=True, help="the ledger as a Markdown page")
+    p.add_argument("--log", default=None, help="also write the log to this file")
+    p.set_defaults(func=cmd_claims)
 
     p = sub.add_parser("list", help="list registered models, methods or paper tables")
     p.add_argument("what", choices=["models", "methods", "tables"])

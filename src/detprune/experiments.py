@@ -28,6 +28,7 @@ from detprune.workflow import path, pct
 TABLES_DIR = Path("config/tables")
 PROFILES_DIR = Path("config/profiles")
 REPORTED = Path("config/reported.yaml")
+CLAIMS = Path("config/claims.yaml")
 PROFILES = ("mini", "paper")
 ROOT_DEFAULTS = {"coco_root": "data/coco", "voc_root": "data/voc", "imagenet_root": "data/imagenet"}
 

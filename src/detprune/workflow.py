@@ -136,6 +136,11 @@ COMMANDS = {
         "--results {params.results} --seeds {params.seeds} --reported {input.reported} "
         "--tables-dir {params.tables_dir} --figures-dir {params.figures_dir} --log {log}"
     ),
+    "claims": (
+        "detprune claims --claims {input.claims} --reported {input.reported} "
+        "--profile {wildcards.profile} --results {params.results} --tables {params.tables} "
+        "--csv {output.csv} --md {output.md} --log {log}"
+    ),
     "report": (
         "detprune report --config {params.config} --metrics {input.metrics} "
         "--prune-summaries {input.summaries} --tables-dir {params.tables_dir} "
@@ -341,6 +346,11 @@ def table_outputs(config: Mapping[str, Any], table: str, profile: str) -> dict[s
     out = {ext: path("table", config, name=name, ext=ext) for ext in ("csv", "md", "tex", "json")}
     out["figure"] = path("figure", config, name=name, kind="vs_flops")
     return out
+
+
+def claims_outputs(config: Mapping[str, Any], profile: str) -> dict[str, str]:
+    """The claims ledger of a table run (every claim of config/claims.yaml)."""
+    return {ext: path("table", config, name=f"{profile}/claims", ext=ext) for ext in ("csv", "md")}
 
 
 def section_digest(

@@ -26,7 +26,8 @@ def _table_project(dest: Path, cfg: dict) -> Path:
     proj = project(ROOT, dest, cfg)
     for part in ("config/tables", "config/profiles"):
         shutil.copytree(ROOT / part, proj / part)
-    shutil.copy(ROOT / "config/reported.yaml", proj / "config/reported.yaml")
+    for name in ("reported.yaml", "claims.yaml"):
+        shutil.copy(ROOT / "config" / name, proj / "config" / name)
     return proj
 
 
@@ -101,6 +102,9 @@ def test_a_table_run_reports_mean_and_std_of_its_two_seeds(tiny_table_run):
     assert (proj / "results/figures/mini/tiny_vs_flops.png").stat().st_size > 10_000
     md = (proj / "results/tables/mini/tiny.md").read_text()
     assert "Δrepro − Δpaper" in md and "| l1 " in md
+    # the run's claims ledger: no claim names the tiny table
+    claims = pd.read_csv(proj / "results/tables/mini/claims.csv")
+    assert len(claims) > 0 and set(claims["verdict"]) == {"not run"}
 
 
 def test_a_table_run_is_cached(tiny_table_run):
@@ -179,11 +183,12 @@ def test_paper_profile_plans_every_table_on_the_cluster(tmp_path):
     assert len(plan["finetune_distill"]) == len(distilled)
     assert len(plan["finetune"]) + len(distilled) == 59
     assert len(plan["paper_table"]) == 9
+    assert len(plan["claims_ledger"]) == 1  # one ledger of every table's claims
     assert len(plan["sparse_train"]) == 4  # depgraph on GFL and SSD, slim and gcp on YOLOv4
     for rule in GPU_RULES:
         for job in plan[rule]:
             assert job["gpu"] == "1", (rule, job)
-    for job in plan["paper_table"] + plan["check_data"]:
+    for job in plan["paper_table"] + plan["claims_ledger"] + plan["check_data"]:
         assert job["gpu"] == "0"
     assert "synth_data" not in plan  # the paper profile reads the user's datasets
     # the papers' schedules, written beside each experiment's results

@@ -172,3 +172,60 @@ def test_a_config_override_that_jobs_would_not_see_stops_the_plan(root):
     assert "['report.name']" in res.stderr + res.stdout
     ok = subprocess.run([*cmd, "seeds=2"], cwd=root, capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
+
+
+def _table_project(root: Path, dest: Path) -> Path:
+    """A copy of the workflow with the table specs, profiles, reported numbers and claims."""
+    import shutil
+
+    from tests.helpers import project
+
+    proj = project(root, dest, load_config(root / "config" / "config.yaml"))
+    for part in ("config/tables", "config/profiles"):
+        shutil.copytree(root / part, proj / part)
+    for name in ("reported.yaml", "claims.yaml"):
+        shutil.copy(root / "config" / name, proj / "config" / name)
+    return proj
+
+
+def test_a_table_run_plans_its_claims_ledger(root, tmp_path):
+    """A table run ends in results/tables/<profile>/claims.{csv,md}, read from both rows of
+    each claim of the run's tables for every seed; a bad claims file stops the plan."""
+    proj = _table_project(root, tmp_path / "proj")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(BIN / "snakemake"), "-n", "-p", "--cores", "2", "--config", "table=miep_t4"]
+    cmd += ["profile=mini", "seeds=2"]
+    out = subprocess.run(cmd, cwd=proj, capture_output=True, text=True, env=env, check=True)
+    jobs = out.stdout.split("\nrule ")
+    (job,) = [j for j in jobs if j.startswith("claims_ledger:")]
+    fields = dict(ln.strip().split(": ", 1) for ln in job.splitlines()[1:] if ": " in ln)
+    claims = {"csv": "results/tables/mini/claims.csv", "md": "results/tables/mini/claims.md"}
+    assert fields["output"] == f"{claims['csv']}, {claims['md']}"
+    assert fields["log"] == "results/logs/tables/mini/claims.log"
+    assert fields["benchmark"] == "results/benchmarks/tables/mini/claims.tsv"
+    exp = "results/experiments/mini/synth/gfl_narrow_fpn"
+    methods = ("miep-tli", "miep-tli-foi", "miep-tli-iri", "miep")
+    rows = [f"{m}/flops{p}" for m in methods for p in ("25", "10")]
+    metrics = {f"{exp}/seed{s}/metrics/{r}/seed{s}.json" for r in rows for s in (0, 1)}
+    specs = {f"config/tables/{p.name}" for p in (root / "config/tables").glob("*.yaml")}
+    inputs = set(fields["input"].split(", "))
+    assert inputs == metrics | specs | {"config/claims.yaml", "config/reported.yaml"}
+    assert len(metrics) == 16  # 8 rows x 2 seeds; no baseline: a claim compares two rows
+    assert fields["Shell command"] == (
+        "detprune claims --claims config/claims.yaml --reported config/reported.yaml "
+        "--profile mini --results results --tables miep_t4:0,1 "
+        f"--csv {claims['csv']} --md {claims['md']} "
+        "--log results/logs/tables/mini/claims.log"
+    )
+    (final,) = [j for j in jobs if j.startswith("all:")]
+    assert claims["csv"] in final and "results/tables/mini/miep_t4.md" in final
+
+    bad = yaml.safe_load((proj / "config/claims.yaml").read_text())
+    bad["claims"]["miep_t4/gfl/miep-tli-foi@10>miep-tli@10"]["table"] = "miep_t9"
+    (proj / "config/claims.yaml").write_text(yaml.safe_dump(bad))
+    res = subprocess.run(cmd, cwd=proj, capture_output=True, text=True, env=env)
+    assert res.returncode != 0
+    assert (
+        "config/claims.yaml: claim 'miep_t4/gfl/miep-tli-foi@10>miep-tli@10': field 'table': "
+        "unknown table 'miep_t9'"
+    ) in res.stdout + res.stderr

@@ -165,7 +165,9 @@ def get_carve_input(wildcards):
 def get_final_outputs():
     if TABLES is None:
         return list(W.report_outputs(config).values())
-    return [f for t in TABLES for f in W.table_outputs(config, t.name, config["profile"]).values()]
+    profile = config["profile"]
+    tables = [f for t in TABLES for f in W.table_outputs(config, t.name, profile).values()]
+    return tables + list(W.claims_outputs(config, profile).values())
 
 
 def get_table_metrics(wildcards):
@@ -183,3 +185,23 @@ def get_seeds(wildcards):
 def get_results_root(wildcards):
     """The results root of a table run (the main config's `results`)."""
     return config["results"]
+
+
+# The claims ledger of a table run: config/claims.yaml, validated when the workflow loads
+# (against every table spec), read against the run's tables with their seeds.
+if TABLES is not None:
+    from detprune.report import ledger as L
+    from detprune.report.claims import load_all
+
+    CLAIMS, CLAIM_SPECS = load_all(E.CLAIMS, E.REPORTED)
+    CLAIMS_RUN = {t.name: E.parse_seeds(config.get("seeds"), t.seeds) for t in TABLES}
+
+
+def get_claims_metrics(wildcards):
+    """The metrics records the ledger reads: both rows of each claim of the run's tables."""
+    return L.ledger_files(CLAIMS, CLAIM_SPECS, config, wildcards.profile, CLAIMS_RUN)
+
+
+def get_claims_tables(wildcards):
+    """The run's tables with their seeds, `name:0,1,2` each (the ledger's --tables)."""
+    return " ".join(f"{t}:{','.join(map(str, s))}" for t, s in CLAIMS_RUN.items())

@@ -73,3 +73,33 @@ if TABLES is not None:
             "../envs/detprune.yaml"
         shell:
             CMD["table"]
+
+    CLAIMS_OUT = W.claims_outputs(config, "{profile}")
+
+    rule claims_ledger:
+        input:
+            metrics=get_claims_metrics,
+            claims=E.CLAIMS,
+            reported=E.REPORTED,
+            specs=[str(E.TABLES_DIR / f"{name}.yaml") for name in E.table_names()],
+        output:
+            csv=CLAIMS_OUT["csv"],
+            md=report(CLAIMS_OUT["md"], category="claims", caption="../report/claims.rst"),
+        params:
+            results=get_results_root,
+            tables=get_claims_tables,
+        log:
+            f"{config['results']}/logs/tables/{{profile}}/claims.log",
+        benchmark:
+            f"{config['results']}/benchmarks/tables/{{profile}}/claims.tsv"
+        wildcard_constraints:
+            profile=r"mini|paper",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+            gpu=0,
+        conda:
+            "../envs/detprune.yaml"
+        shell:
+            CMD["claims"]

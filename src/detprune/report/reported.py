@@ -50,7 +50,7 @@ def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that rejects a repeated mapping key (PyYAML silently keeps the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -133,7 +133,7 @@ def load_reported(path: str | Path) -> dict[str, Reported]:
     """Load and validate the data file; a problem is a ValueError naming file, entry and field."""
     p = Path(path)
     try:
-        doc = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
+        doc = yaml.load(p.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ValueError(f"{p}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict) or set(doc) != {"sources", "entries"}:
