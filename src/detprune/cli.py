@@ -275,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="write a JSON summary here when the check passes")
     p.set_defaults(func=cmd_data_check)
-    p = dsub.add_parser("voc2coco", help="convert a PASCAL VOC split (VOCdevkit XML) to COCO JSON")
+    p = dsub.add_parser(
+        "voc2coco",
+        help="convert a PASCAL VOC split (VOCdevkit XML) to COCO JSON; on any bad XML, box, "
+        "class name or missing image, list them all and write nothing",
+    )
     _common(p, config=False)
     p.add_argument("--voc-root", required=True, help="e.g. VOCdevkit/VOC2007")
     p.add_argument("--split", required=True, help="ImageSets/Main/<split>.txt, e.g. trainval")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,121 @@ def test_malformed_xml(voc_root: Path, tmp_path: Path) -> None:
     write_xml(voc_root, "000007", (50, 40), ["<object><name>car</name></object>"])
     with pytest.raises(DatasetError, match=r"000007.xml: object 0 \(car\): bad box"):
         voc_to_coco(voc_root, "trainval", tmp_path / "x.json")
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """``detprune.cli.main``; yields a function that runs it and returns (exit code, stderr)."""
+    from detprune.cli import main
+
+    def run(*argv: str) -> tuple[int, str]:
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        return code, capsys.readouterr().err
+
+    yield run
+    root = logging.getLogger()
+    for h in list(root.handlers):  # main() installed them on a captured stderr
+        root.removeHandler(h)
+        h.close()
+
+
+def plant_faults(root: Path) -> dict[str, Path]:
+    """Five faults in four XML files of ``root``'s trainval split; their XML paths."""
+    xml = {i: root / "Annotations" / f"{i}.xml" for i in ("000007", "000009", "000010", "000012")}
+    objects = [obj_xml("car", (5, 6, 25, 30)), obj_xml("car", (30, 6, 20, 30))]
+    write_xml(root, "000007", (50, 40), [*objects, obj_xml("unicorn", (1, 1, 5, 5))])
+    write_xml(root, "000009", (50, 40), [obj_xml("cat", (2, 2, 20, 20))])  # no 000009.jpg
+    write_xml(root, "000010", (50, 40), [obj_xml("cat", (2, 2, 20, 20))])
+    xml["000010"].write_text(xml["000010"].read_text()[:90])  # truncated
+    write_xml(
+        root, "000012", (50, 40), [obj_xml("dog", (1, 1, 10, 10)), obj_xml("dog", (5, 5, 52, 30))]
+    )
+    for i in ("000010", "000012"):
+        Image.new("RGB", (50, 40)).save(root / "JPEGImages" / f"{i}.jpg")
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(["000005", *xml]) + "\n")
+    return xml
+
+
+def test_cli_lists_every_fault_and_writes_nothing(voc_root: Path, tmp_path: Path, cli) -> None:
+    xml = plant_faults(voc_root)
+    out = tmp_path / "out" / "trainval.json"
+    args = ("data", "voc2coco", "--voc-root", str(voc_root), "--split", "trainval")
+    code, err = cli(*args, "--out", str(out))
+    assert code == 2
+    lines = err.splitlines()
+    assert lines[-6].endswith(
+        f"ERROR 5 problems in VOC trainval split under {voc_root} "
+        "(objects counted from 0 in each XML file):"
+    )
+    box = "[xmin 30, ymin 6, xmax 20, ymax 30]"
+    assert lines[-5:-2] == [
+        f"{xml['000007']}: object 1 (car): box {box} has non-positive size (xmax < xmin)",
+        f"{xml['000007']}: object 2 (unicorn): unknown class name 'unicorn'",
+        f"{xml['000009']}: image file not found: {voc_root / 'JPEGImages' / '000009.jpg'}",
+    ]
+    assert lines[-2].startswith(f"{xml['000010']}: cannot read the XML (")
+    box = "[xmin 5, ymin 5, xmax 52, ymax 30]"
+    assert (
+        lines[-1] == f"{xml['000012']}: object 1 (dog): box {box} extends outside the 50x40 image"
+    )
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_a_failed_conversion_leaves_the_old_output(voc_root: Path, tmp_path: Path, cli) -> None:
+    out = tmp_path / "voc.json"
+    code, _ = cli(
+        "data", "voc2coco", "--voc-root", str(voc_root), "--split", "trainval", "--out", str(out)
+    )
+    assert code == 0
+    clean = out.read_bytes()
+    assert json.loads(clean)["annotations"][2]["bbox"] == [4.0, 5.0, 21.0, 25.0]
+    plant_faults(voc_root)
+    with pytest.raises(DatasetError, match=r"^5 problems in VOC trainval split"):
+        voc_to_coco(voc_root, "trainval", out)
+    assert out.read_bytes() == clean
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["VOCdevkit", "voc.json"]  # no temp file
+
+
+def test_one_pixel_and_zero_based_boxes_convert(voc_root: Path, tmp_path: Path) -> None:
+    """xmax == xmin is one pixel wide (VOC corners are inclusive); a box may reach 1 px
+    past the 1..width image, as `data check` allows, so 0-based exports convert."""
+    write_xml(
+        voc_root,
+        "000007",
+        (50, 40),
+        [obj_xml("car", (7, 0, 7, 40)), obj_xml("car", (0, 3, 51, 41))],
+    )
+    out = tmp_path / "edge.json"
+    voc_to_coco(voc_root, "trainval", out)
+    bboxes = [a["bbox"] for a in json.loads(out.read_text())["annotations"][2:]]
+    assert bboxes == [[6.0, -1.0, 1.0, 41.0], [-1.0, 2.0, 52.0, 39.0]]
+    check_coco(out, voc_root / "JPEGImages")
+    write_xml(
+        voc_root,
+        "000007",
+        (50, 40),
+        [obj_xml("car", (-1, 3, 10, 10)), obj_xml("car", (1, 3, 10, 42))],
+    )
+    with pytest.raises(DatasetError) as info:
+        voc_to_coco(voc_root, "trainval", out)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3 and all("extends outside the 50x40 image" in ln for ln in lines[1:])
+    assert lines[1].startswith(f"{voc_root / 'Annotations' / '000007.xml'}: object 0 (car): ")
+
+
+def test_every_problem_of_one_object_is_named(voc_root: Path, tmp_path: Path) -> None:
+    bad = obj_xml("unicorn", (20, 30, 10, 5), difficult=1).replace("<difficult>1<", "<difficult>x<")
+    write_xml(voc_root, "000007", (50, 40), [bad])
+    with pytest.raises(DatasetError) as info:
+        voc_to_coco(voc_root, "trainval", tmp_path / "x.json")
+    where = f"{voc_root / 'Annotations' / '000007.xml'}: object 0 (unicorn): "
+    assert str(info.value).splitlines()[1:] == [
+        f"{where}unknown class name 'unicorn'",
+        f"{where}<difficult> 'x' is not an integer",
+        f"{where}box [xmin 20, ymin 30, xmax 10, ymax 5] has non-positive size "
+        "(xmax < xmin, ymax < ymin)",
+    ]
