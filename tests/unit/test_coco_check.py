@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -191,3 +192,31 @@ def test_long_lists_are_cut(tmp_path: Path, val: dict, synth_dir: Path) -> None:
     lines = raised(write(tmp_path, val), synth_dir / "val").splitlines()
     assert lines[0].startswith("60 problems in ")
     assert len(lines) == 52 and lines[-1] == "... and 10 more"
+
+
+def test_cli_refuses_a_negative_width(
+    tmp_path: Path, val: dict, synth_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`detprune data check` (the workflow's check_data job) exits 2 naming the file and
+    the annotation id, and writes no report: train_baseline, which needs it, never starts."""
+    from detprune.cli import main
+
+    ann = val["annotations"][2]
+    ann["bbox"][2] = -4.0
+    path, report = write(tmp_path, val), tmp_path / "check_train.json"
+    try:
+        with pytest.raises(SystemExit) as exc:
+            args = ["--images", str(synth_dir / "val"), "--out", str(report)]
+            main(["data", "check", "--ann", str(path), *args])
+    finally:
+        root = logging.getLogger()
+        for h in list(root.handlers):  # main() installed them on a captured stderr
+            root.removeHandler(h)
+            h.close()
+    assert exc.value.code == 2
+    box = [float(v) for v in ann["bbox"]]
+    assert (
+        f"{path}: annotation id {ann['id']} (image id {ann['image_id']}): "
+        f"box {box} has non-positive width or height"
+    ) in capsys.readouterr().err.splitlines()
+    assert not report.exists()

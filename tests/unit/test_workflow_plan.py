@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from detprune.config import load_config
@@ -229,3 +230,43 @@ def test_a_table_run_plans_its_claims_ledger(root, tmp_path):
         "config/claims.yaml: claim 'miep_t4/gfl/miep-tli-foi@10>miep-tli@10': field 'table': "
         "unknown table 'miep_t9'"
     ) in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("tune_images", [None, 5])
+def test_a_coco_source_is_checked_before_the_baseline_trains(root, tmp_path, tune_images):
+    """With `data.source: coco` (COCO, or a VOC split converted by voc2coco) train_baseline
+    needs every split's `data check` report, so a bad file stops the run before training;
+    with a carved tune split the train check reads the carved file."""
+    from tests.helpers import project
+
+    data = tmp_path / "data"
+    coco = {f"{s}_{k}": str(data / (f"{s}.json" if k == "ann" else s)) for s in ("train", "val")
+            for k in ("ann", "images")}  # fmt: skip
+    for s in ("train", "val"):
+        (data / s).mkdir(parents=True)
+        (data / f"{s}.json").write_text("{}\n")  # a dry run reads neither
+    if tune_images:
+        coco["tune_images"] = tune_images
+    cfg = load_config(root / "config" / "config.yaml")
+    proj = project(
+        root, tmp_path / "proj", {**cfg, "data": {**cfg["data"], "source": "coco", "coco": coco}}
+    )
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(BIN / "snakemake"), "-n", "-p", "--cores", "2"]
+    out = subprocess.run(cmd, cwd=proj, capture_output=True, text=True, env=env, check=True)
+    jobs = [
+        (
+            j.split(":", 1)[0],
+            dict(ln.strip().split(": ", 1) for ln in j.splitlines()[1:] if ": " in ln),
+        )
+        for j in out.stdout.split("\nrule ")
+    ]
+    (train,) = [f for rule, f in jobs if rule == "train_baseline"]
+    checks = {f["output"]: f["input"] for rule, f in jobs if rule == "check_data"}
+    reports = [f"results/data/check_{s}.json" for s in ("train", "val", "test")]
+    train_ann = "results/data/carved/train.json" if tune_images else coco["train_ann"]
+    assert train["input"].split(", ") == [train_ann, coco["train_images"], *reports]
+    assert checks[reports[0]] == f"{train_ann}, {coco['train_images']}"
+    assert checks[reports[2]] == f"{coco['val_ann']}, {coco['val_images']}"  # the reported one
+    carves = [f for rule, f in jobs if rule == "carve_split"]
+    assert [f["input"] for f in carves] == ([coco["train_ann"]] if tune_images else [])
