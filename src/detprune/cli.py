@@ -131,6 +131,16 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from detprune.evaluation.export import export_checkpoint
+
+    try:
+        export_checkpoint(a.checkpoint, a.out, a.ann, a.images, count=a.num_images)
+    except ValueError as exc:  # a bad checkpoint or a failed validation: say which, why
+        log.error("export failed: %s", exc)
+        sys.exit(2)
+
+
 def cmd_report(a: argparse.Namespace) -> None:
     from detprune import stages
 
@@ -347,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops", type=float, default=1.0, help="FLOPs target recorded")
     p.add_argument("--out", required=True, help="metrics JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="a checkpoint's dense network to ONNX, checked by ORT")
+    _common(p, config=False)
+    p.add_argument("--checkpoint", required=True, help="checkpoint to export")
+    p.add_argument("--ann", required=True, help="COCO instances JSON of the validation images")
+    p.add_argument("--images", required=True, help="image folder of those images")
+    p.add_argument("--num-images", type=int, default=2, help="images checked (one batch, >= 2)")
+    p.add_argument("--out", required=True, help=".onnx file (its report: .onnx.json beside it)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="paper-style tables and figures from metrics JSONs")
     _common(p)

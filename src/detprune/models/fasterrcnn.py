@@ -10,6 +10,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import roi_align
 
 from detprune.models.backbones import resnet_fpn
 from detprune.models.base import ModelEntry
@@ -47,6 +48,40 @@ class PrunableFasterRCNN(FasterRCNN):
         boxes = x.new_tensor([[0.0, 0.0, w / 2, h / 2], [w / 4, h / 4, w, h]])
         pooled = self.roi_heads.box_roi_pool(features, [boxes] * x.shape[0], [(h, w)] * x.shape[0])
         scores, reg = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+        return (*objectness, *deltas, scores, reg)
+
+    def export_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`trace_forward`'s outputs, written so that the batch size stays symbolic
+        when traced for ONNX export (``[boxes] * B`` would freeze it).
+
+        The two reference boxes are fixed, so their FPN levels are too: each is pooled
+        with RoIAlign on its level for every image, in ``trace_forward``'s order (image
+        major). Runs :meth:`trace_forward` first if the pooler's scales are not set up.
+        """
+        pool = self.roi_heads.box_roi_pool
+        h, w = x.shape[-2:]
+        if pool.scales is None or pool.map_levels is None:
+            self.trace_forward(x[:1])
+        features = self.backbone(x)
+        objectness, deltas = self.rpn.head(list(features.values()))
+        ref = torch.tensor([[0.0, 0.0, w / 2, h / 2], [w / 4, h / 4, w, h]])
+        levels = [int(v) for v in pool.map_levels([ref])]
+        maps = [features[k] for k in pool.featmap_names]
+        index = torch.arange(x.shape[0], dtype=x.dtype, device=x.device).unsqueeze(1)
+        pooled = []
+        for box, level in zip(ref.tolist(), levels, strict=True):
+            rois = torch.cat([index, (index * 0 + 1) * x.new_tensor([box])], dim=1)
+            pooled.append(
+                roi_align(
+                    maps[level],
+                    rois,
+                    output_size=pool.output_size,
+                    spatial_scale=pool.scales[level],
+                    sampling_ratio=pool.sampling_ratio,
+                )
+            )
+        pooled_all = torch.stack(pooled, dim=1).flatten(0, 1)
+        scores, reg = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled_all))
         return (*objectness, *deltas, scores, reg)
 
 
