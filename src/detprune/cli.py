@@ -132,8 +132,10 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
+    from detprune import stages
     from detprune.evaluation.export import export_checkpoint
 
+    stages.set_threads(a.threads)
     try:
         export_checkpoint(a.checkpoint, a.out, a.ann, a.images, count=a.num_images)
     except ValueError as exc:  # a bad checkpoint or a failed validation: say which, why
@@ -359,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="a checkpoint's dense network to ONNX, checked by ORT")
-    _common(p, config=False)
+    _common(p, config=False, threads=True)
     p.add_argument("--checkpoint", required=True, help="checkpoint to export")
     p.add_argument("--ann", required=True, help="COCO instances JSON of the validation images")
     p.add_argument("--images", required=True, help="image folder of those images")

@@ -64,7 +64,14 @@ PARAMS = {
     "carve": ["data"],
     "evaluate": ["evaluate"],
     "report": ["report"],
+    "export": ["evaluate.export"],
 }
+
+
+#: Keys of a stage's section that only another stage reads (``evaluate.export``: the
+#: export jobs): left out of that stage's rerun trigger, so turning ONNX export on
+#: reruns no evaluation.
+NOT_READ = {"evaluate": ("export",)}
 
 
 def _get(config: Mapping[str, Any], dotted: str) -> Any:
@@ -79,7 +86,19 @@ def _get(config: Mapping[str, Any], dotted: str) -> Any:
 def stage_params(
     config: Mapping[str, Any], stage: str, method: str | None = None, regularizer: str | None = None
 ) -> list[str]:
-    """The config keys a stage reads; per-method and per-regularizer keys when present."""
+    """The config keys a stage reads; per-method and per-regularizer keys when present; a
+    section with :data:`NOT_READ` keys set as its other keys (DVC cannot exclude one)."""
+    keys = _stage_keys(config, stage, method, regularizer)
+    for section, skip in NOT_READ.items():
+        if section in keys and any(_get(config, f"{section}.{k}") is not None for k in skip):
+            at = keys.index(section)
+            keys[at : at + 1] = [f"{section}.{k}" for k in config[section] if k not in skip]
+    return keys
+
+
+def _stage_keys(
+    config: Mapping[str, Any], stage: str, method: str | None, regularizer: str | None
+) -> list[str]:
     keys = [k for k in PARAMS[stage] if _get(config, k) is not None]
     extra = {
         "prune": f"prune.options.{method}",
@@ -140,6 +159,10 @@ COMMANDS = {
         "detprune claims --claims {input.claims} --reported {input.reported} "
         "--profile {wildcards.profile} --results {params.results} --tables {params.tables} "
         "--csv {output.csv} --md {output.md} --log {log}"
+    ),
+    "export": (
+        "detprune export --checkpoint {input.model} --ann {input.test_ann} "
+        "--images {input.test_images} --out {output.onnx} --threads {threads} --log {log}"
     ),
     "report": (
         "detprune report --config {params.config} --metrics {input.metrics} "
@@ -330,6 +353,19 @@ def summary_files(config: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def export_files(config: Mapping[str, Any]) -> dict[str, str]:
+    """``evaluate.export: onnx``: every evaluated checkpoint (baselines, fine-tuned chains)
+    -> the .onnx beside it (its report: ``.onnx.json``); else none."""
+    if _get(config, "evaluate.export") != "onnx":
+        return {}
+    ckpts = [path("baseline", config, seed=s) for s in baseline_seeds(config)] + [
+        path("finetuned", config, method=m, pct=p, seed=s)
+        for m, p in pruned_targets(config)
+        for s in seeds_of(config)
+    ]
+    return {c: c.removesuffix(".pt") + ".onnx" for c in ckpts}
+
+
 def report_outputs(config: Mapping[str, Any]) -> dict[str, str]:
     """The files of the report stage."""
     name = config["report"]["name"]
@@ -363,8 +399,11 @@ def section_digest(
     """The config values a stage reads, as canonical JSON (a Snakemake rerun trigger).
     ``seed``: the job's own seed (its ``{seed}`` wildcard), which replaces the config's,
     so the seed-0 jobs of a run with ``seeds: 3`` are those of the one-seed run."""
-    keys = stage_params(config, stage, method, regularizer)
+    keys = _stage_keys(config, stage, method, regularizer)
     values = {k: _get(config, k) for k in keys}
+    for section, skip in NOT_READ.items():
+        if isinstance(values.get(section), Mapping):
+            values[section] = {k: v for k, v in values[section].items() if k not in skip}
     if seed is not None and "seed" in values:
         values["seed"] = int(seed)
     return json.dumps(values, sort_keys=True)
@@ -566,6 +605,28 @@ def _report_stage(config: Mapping[str, Any], p: dict[str, Any]) -> Stage:
     )
 
 
+def _export_stages(config: Mapping[str, Any]) -> list[Stage]:
+    """One ``export_onnx`` stage per evaluated checkpoint (``evaluate.export: onnx``)."""
+    data = dataset_paths(config)
+    test_in = {"test_ann": data["test_ann"], "test_images": data["test_images"]}
+    root = f"{config['results']}/models/"
+    stages = []
+    for ckpt, onnx in export_files(config).items():
+        stem = ckpt.removeprefix(root).removesuffix(".pt")
+        outs = [onnx, f"{onnx}.json"]
+        cmd = _cmd(
+            "export",
+            input={"model": ckpt, **test_in},
+            output={"onnx": onnx},
+            threads=stage_threads(config, "evaluate"),
+            log=path("log", config, stage=f"export_onnx/{stem}"),
+        )
+        name = "export_onnx_" + stem.replace("/", "_").replace("finetuned_", "")
+        params = stage_params(config, "export")
+        stages.append(Stage(name, cmd, [ckpt, *test_in.values()], outs, params))
+    return stages
+
+
 def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
     """The DAG as DVC stages, from the same templates and paths as the Snakefile."""
     p = {"config": config_path}
@@ -577,7 +638,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
     for method, pc in pruned_targets(config):
         for seed in seeds_of(config):
             stages += _chain_stages(config, p, method, pc, seed)
-    return [*stages, _report_stage(config, p)]
+    return [*stages, *_export_stages(config), _report_stage(config, p)]
 
 
 def dvc_yaml(config: Mapping[str, Any], config_path: str) -> str:

@@ -270,3 +270,41 @@ def test_a_coco_source_is_checked_before_the_baseline_trains(root, tmp_path, tun
     assert checks[reports[2]] == f"{coco['val_ann']}, {coco['val_images']}"  # the reported one
     carves = [f for rule, f in jobs if rule == "carve_split"]
     assert [f["input"] for f in carves] == ([coco["train_ann"]] if tune_images else [])
+
+
+def test_evaluate_export_onnx_plans_one_export_per_evaluated_checkpoint(root, tmp_path):
+    """`evaluate.export: onnx` adds an export_onnx job per evaluated checkpoint (baseline and
+    every fine-tuned chain), the same commands as dvc.yaml's stages, and reruns no
+    evaluation (its params digest is unchanged); without it no job is planned."""
+    from detprune.workflow import section_digest
+    from tests.helpers import project
+
+    cfg = load_config(root / "config" / "config.yaml")
+    on = {**cfg, "evaluate": {**cfg["evaluate"], "export": "onnx"}}
+    assert section_digest(on, "evaluate") == section_digest(cfg, "evaluate")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    plans = {}
+    for tag, config in (("off", cfg), ("on", on)):
+        proj = project(root, tmp_path / tag, config)
+        cmd = [str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2"]
+        out = subprocess.run(cmd, cwd=proj, capture_output=True, text=True, env=env, check=True)
+        plans[tag] = sorted(
+            line.removeprefix("Shell command: ")
+            for line in out.stdout.splitlines()
+            if line.startswith("Shell command: detprune export")
+        )
+    n = len(cfg["prune"]["methods"]) * len(cfg["prune"]["flops_targets"])
+    assert plans["off"] == [] and len(plans["on"]) == 1 + n
+    assert "--checkpoint results/models/baseline/seed0.pt " in plans["on"][0]
+    assert "--out results/models/finetuned/l1/flops10/seed0.onnx " in " ".join(plans["on"])
+    stages = yaml.safe_load(dvc_yaml(on, "config/config.yaml"))["stages"]
+    exports = {n: s for n, s in stages.items() if n.startswith("export_onnx_")}
+    assert sorted(s["cmd"] for s in exports.values()) == plans["on"]
+    assert "export_onnx_l1_flops10_seed0" in exports and "export_onnx_baseline_seed0" in exports
+    assert exports["export_onnx_baseline_seed0"]["params"] == [
+        {"config/config.yaml": ["evaluate.export"]}
+    ]
+    assert "evaluate.export" not in str(stages["evaluate_baseline_seed0"]["params"])
+    assert not any(
+        n.startswith("export_onnx") for n in yaml.safe_load(dvc_yaml(cfg, "c"))["stages"]
+    )

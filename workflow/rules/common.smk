@@ -164,7 +164,7 @@ def get_carve_input(wildcards):
 
 def get_final_outputs():
     if TABLES is None:
-        return list(W.report_outputs(config).values())
+        return list(W.report_outputs(config).values()) + list(W.export_files(config).values())
     profile = config["profile"]
     tables = [f for t in TABLES for f in W.table_outputs(config, t.name, profile).values()]
     return tables + list(W.claims_outputs(config, profile).values())

@@ -48,3 +48,30 @@ rule evaluate_pruned:
         "../envs/detprune.yaml"
     shell:
         CMD["evaluate"]
+
+
+# `evaluate.export: onnx`: every evaluated checkpoint to an ONNX file beside it (the dense
+# network, checked by ONNX Runtime on test images; `detprune export`)
+rule export_onnx:
+    input:
+        unpack(get_test_data),
+        model="{results}/models/{stem}.pt",
+    output:
+        onnx="{results}/models/{stem}.onnx",
+        report="{results}/models/{stem}.onnx.json",
+    wildcard_constraints:
+        stem=r"(baseline|finetuned/[a-z][a-z0-9_-]*/flops[0-9.]+)/seed[0-9]+",
+    params:
+        digest=get_params("export"),
+    log:
+        log_path("export_onnx/{stem}"),
+    benchmark:
+        bench_path("export_onnx/{stem}")
+    threads: W.stage_threads(config, "evaluate")
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/detprune.yaml"
+    shell:
+        CMD["export"]
