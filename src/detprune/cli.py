@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="a checkpoint's dense network to ONNX, checked by ORT")
-    _common(p, config=False, threads=True)
+    _common(p, config=False)
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--checkpoint", required=True, help="checkpoint to export")
     p.add_argument("--ann", required=True, help="COCO instances JSON of the validation images")
     p.add_argument("--images", required=True, help="image folder of those images")

@@ -358,6 +358,8 @@ def export_files(config: Mapping[str, Any]) -> dict[str, str]:
     -> the .onnx beside it (its report: ``.onnx.json``); else none."""
     if _get(config, "evaluate.export") != "onnx":
         return {}
+    if config["data"]["source"] in ("synth_cls", "imagefolder"):
+        raise ValueError("config field 'evaluate.export': onnx export covers detectors only")
     ckpts = [path("baseline", config, seed=s) for s in baseline_seeds(config)] + [
         path("finetuned", config, method=m, pct=p, seed=s)
         for m, p in pruned_targets(config)

@@ -276,7 +276,7 @@ def test_evaluate_export_onnx_plans_one_export_per_evaluated_checkpoint(root, tm
     """`evaluate.export: onnx` adds an export_onnx job per evaluated checkpoint (baseline and
     every fine-tuned chain), the same commands as dvc.yaml's stages, and reruns no
     evaluation (its params digest is unchanged); without it no job is planned."""
-    from detprune.workflow import section_digest
+    from detprune.workflow import export_files, section_digest
     from tests.helpers import project
 
     cfg = load_config(root / "config" / "config.yaml")
@@ -308,3 +308,6 @@ def test_evaluate_export_onnx_plans_one_export_per_evaluated_checkpoint(root, tm
     assert not any(
         n.startswith("export_onnx") for n in yaml.safe_load(dvc_yaml(cfg, "c"))["stages"]
     )
+    classifier = {**on, "data": {**on["data"], "source": "synth_cls"}}
+    with pytest.raises(ValueError, match="evaluate.export': onnx export covers detectors"):
+        export_files(classifier)
