@@ -52,7 +52,8 @@ class NarrowResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def _names(keys: Sequence[str], limit: int = 20) -> str:
+def key_list(keys: Sequence[str], limit: int = 20) -> str:
+    """``keys`` comma separated, the first ``limit`` of them and how many more."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -86,9 +87,9 @@ def load_backbone_state(
     unexpected = [k for k in state if k not in own and not k.startswith(optional)]
     problems = []
     if missing:
-        problems.append(f"lacks keys the backbone needs: {_names(missing)}")
+        problems.append(f"lacks keys the backbone needs: {key_list(missing)}")
     if unexpected:
-        problems.append(f"has keys the backbone lacks: {_names(unexpected)}")
+        problems.append(f"has keys the backbone lacks: {key_list(unexpected)}")
     if problems:
         raise ValueError(
             f"model.pretrained_backbone: {p} does not fit {type(model).__name__}: "
