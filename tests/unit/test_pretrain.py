@@ -269,3 +269,29 @@ def test_default_run_with_pretrained_init_plans_it_in_snakemake_and_dvc(
     assert stages[name]["params"] == [
         {"config/config.yaml": [f"pretrain.{k}" for k in backbone_init.SCHEDULE_KEYS]}
     ]
+
+
+def test_the_train_stage_starts_from_init_and_its_checkpoint_needs_no_file(
+    tiny_config: dict, tmp_path: Path
+):
+    from detprune import stages
+    from detprune.data.synth import write_synthetic
+    from detprune.train import checkpoint
+
+    write_synthetic(
+        tmp_path / "d", seed=1, num_train=4, num_val=2, image_size=64, min_objects=1, max_objects=3
+    )
+    torch.manual_seed(5)
+    source = build_model("fasterrcnn_narrow_fpn", 3).backbone.body  # NarrowResNet's keys
+    torch_save(tmp_path / "init.pt", source.state_dict())
+    cfg = copy.deepcopy(tiny_config)
+    cfg["pretrain"]["init"] = str(tmp_path / "init.pt")
+    cfg["train"].update(lr=1e-9, weight_decay=0.0, device="cpu", amp=False)
+    out = tmp_path / "base.pt"
+    ann, images = tmp_path / "d/instances_train.json", tmp_path / "d/train"
+    stages.train(cfg, str(ann), str(images), str(out))
+    (tmp_path / "init.pt").unlink()  # later stages rebuild from the checkpoint alone
+    model, ckpt = checkpoint.load_model(out)
+    assert ckpt["model"]["kwargs"]["pretrained_backbone"] == str(tmp_path / "init.pt")
+    got = model.backbone.body.layer3[0].conv1.weight
+    assert torch.allclose(got, source.layer3[0].conv1.weight, atol=1e-6)
