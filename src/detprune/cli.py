@@ -75,6 +75,14 @@ def cmd_train(a: argparse.Namespace) -> None:
     stages.train(_config(a.config, a.seed), a.train_ann, a.train_images, a.out)
 
 
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    from detprune import stages
+    from detprune.train.pretrain import pretrain
+
+    stages.set_threads(a.threads)
+    pretrain(_config(a.config), a.out, a.meta)
+
+
 def cmd_sparse(a: argparse.Namespace) -> None:
     from detprune import stages
 
@@ -314,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_paths(p, "train")
     p.add_argument("--out", required=True, help="final checkpoint (.pt); <out>.resume.pt resumes")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="pretrain the detector's backbone as a classifier")
+    _common(p, threads=True)
+    p.add_argument("--out", required=True, help="the backbone's state_dict (.pt)")
+    p.add_argument("--meta", required=True, help="its record (.json): accuracy, versions")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sparse", help="sparse training before pruning (slim, depgraph, ...)")
     _common(p, threads=True)

@@ -214,6 +214,8 @@ def experiment_config(
         cfg["sparse"]["schedule"] = {**cfg["train"], "max_iters_per_epoch": None}
         cfg["finetune"]["default"] = {**cfg["train"], "max_iters_per_epoch": None}
     cfg["results"] = results_dir(results_root, profile, setup, seed)
+    if cfg.get("pretrain") and not cfg["pretrain"].get("dir"):  # one cache for the whole run
+        cfg["pretrain"]["dir"] = f"{results_root}/models/pretrained"
     cfg["report"] = {"name": setup["model"]}
     validate(cfg, f"experiment {cfg['results']}")
     return cfg

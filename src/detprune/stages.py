@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from detprune.backbone_init import init_file
 from detprune.config import distillation, finetune_schedule
 from detprune.data.classification import (
     ImageFolderDataset,
@@ -143,8 +144,10 @@ def train(config: dict[str, Any], train_ann: str, train_images: str, out: str) -
     sched = config["train"]
     name = config["model"]["name"]
     overrides = dict(config["model"].get("kwargs", {}))
-    if config["model"].get("pretrained_backbone"):
-        overrides["pretrained_backbone"] = config["model"]["pretrained_backbone"]
+    init = init_file(config)  # model.pretrained_backbone, else pretrain.init's file
+    if init:
+        overrides["pretrained_backbone"] = init
+        log.info("backbone from %s", init)
     kwargs = model_kwargs(name, overrides) if _task(name) == "classification" else None
     train_set = _train_set(train_ann, train_images, sched["augment"], name, kwargs)
     spec = checkpoint.model_spec(config["model"]["name"], train_set.num_classes, overrides)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from detprune import backbone_init
 from detprune.config import distillation
 from detprune.pruning.base import scratch_source
 from detprune.pruning.methods import sparsity_of
@@ -49,7 +50,8 @@ SPLITS = ("train", "val", "test")
 PARAMS = {
     "synth": ["data"],
     "check": ["data"],
-    "train": ["seed", "model", "train"],
+    "train": ["seed", "model", "train", "pretrain"],
+    "pretrain": ["pretrain"],
     "sparse": ["seed", "sparse.schedule"],
     "prune": [
         "seed",
@@ -100,6 +102,11 @@ def _stage_keys(
     config: Mapping[str, Any], stage: str, method: str | None, regularizer: str | None
 ) -> list[str]:
     keys = [k for k in PARAMS[stage] if _get(config, k) is not None]
+    if stage == "train" and "pretrain" in keys and not backbone_init.init_params(config):
+        keys.remove("pretrain")  # a scratch run's digests stay as they were
+    if stage == "pretrain":  # the schedule: the backbone's file name holds the rest
+        keys = [f"pretrain.{k}" for k in backbone_init.SCHEDULE_KEYS]
+        keys = [k for k in keys if _get(config, k) is not None]
     extra = {
         "prune": f"prune.options.{method}",
         "finetune": f"finetune.methods.{method}",
@@ -119,6 +126,10 @@ COMMANDS = {
     "check": (
         "detprune data check --ann {input.ann} --images {input.images} "
         "--out {output.report} --log {log}"
+    ),
+    "pretrain": (
+        "detprune pretrain --config {params.config} --out {output.model} "
+        "--meta {output.meta} --threads {threads} --log {log}"
     ),
     "train": (
         "detprune train --config {params.config} --train-ann {input.train_ann} "
@@ -170,6 +181,33 @@ COMMANDS = {
         "--figures-dir {params.figures_dir} --log {log}"
     ),
 }
+
+
+def pretrain_files(config: Mapping[str, Any]) -> dict[str, str] | None:
+    """The pretrain_backbone job of ``config`` (``pretrain.init: pretrained``): its
+    ``model``, ``meta``, ``log`` and ``benchmark`` files; None when it plans none."""
+    how, model = backbone_init.resolve(config)
+    if how != "pretrained" or model is None:
+        return None
+    folder, name = model.rsplit("/", 1)
+    stem = name.removesuffix(".pt")
+    return {
+        "model": model,
+        "meta": backbone_init.meta_path(model),
+        "log": f"{folder}/logs/{stem}.log",
+        "benchmark": f"{folder}/benchmarks/{stem}.tsv",
+    }
+
+
+def pretrain_jobs(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Pretrained backbone file -> the key (results folder) of the first config that plans
+    it: one pretrain_backbone job per backbone family, shared by every experiment."""
+    out: dict[str, str] = {}
+    for key, cfg in configs.items():
+        files = pretrain_files(cfg)
+        if files:
+            out.setdefault(files["model"], key)
+    return out
 
 
 def pct(target: float) -> str:
@@ -463,10 +501,29 @@ def _data_stages(config: Mapping[str, Any], p: dict[str, Any]) -> list[Stage]:
     return stages
 
 
+def _pretrain_stage(config: Mapping[str, Any], p: dict[str, Any]) -> list[Stage]:
+    """The pretrain_backbone stage of ``pretrain.init: pretrained`` (else none)."""
+    files = pretrain_files(config)
+    if files is None:
+        return []
+    cmd = _cmd(
+        "pretrain",
+        params=p,
+        output={"model": files["model"], "meta": files["meta"]},
+        threads=stage_threads(config, "train"),
+        log=files["log"],
+    )
+    name = f"pretrain_{files['model'].rsplit('/', 1)[1].removesuffix('.pt')}"
+    deps = ["src/detprune/train/pretrain.py", "src/detprune/data/classification.py"]
+    outs = [files["model"], files["meta"]]
+    return [Stage(name, cmd, deps, outs, stage_params(config, "pretrain"))]
+
+
 def _baseline_stages(config: Mapping[str, Any], p: dict[str, Any], seed: int) -> list[Stage]:
     """Training and evaluation of the baseline of ``seed``."""
     data = dataset_paths(config)
     train_in = {"train_ann": data["train_ann"], "train_images": data["train_images"]}
+    init = backbone_init.init_file(config)
     test_in = {"test_ann": data["test_ann"], "test_images": data["test_images"]}
     checks = [path("check", config, split=s) for s in SPLITS]
     base, mb = path("baseline", config, seed=seed), path("metrics_baseline", config, seed=seed)
@@ -493,7 +550,7 @@ def _baseline_stages(config: Mapping[str, Any], p: dict[str, Any], seed: int) ->
         Stage(
             f"train_{tag}",
             train,
-            [*train_in.values(), *checks],
+            [*train_in.values(), *checks, *([init] if init else [])],
             [base],
             stage_params(config, "train"),
         ),
@@ -632,7 +689,7 @@ def _export_stages(config: Mapping[str, Any]) -> list[Stage]:
 def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
     """The DAG as DVC stages, from the same templates and paths as the Snakefile."""
     p = {"config": config_path}
-    stages = _data_stages(config, p)
+    stages = _data_stages(config, p) + _pretrain_stage(config, p)
     for seed in baseline_seeds(config):
         stages += _baseline_stages(config, p, seed)
     for seed in seeds_of(config):

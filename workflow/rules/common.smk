@@ -8,7 +8,9 @@
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+from detprune import backbone_init as BI
 from detprune import experiments as E
 from detprune import workflow as W
 from detprune.config import check_names, load_config
@@ -49,6 +51,24 @@ EXPERIMENTS, CONFIG_ARG, TABLES = _experiments()
 TABLE_SPECS = {t.name: t for t in TABLES or []}
 
 
+# Pretrained backbones (pretrain.init: pretrained): file -> the experiment whose config
+# the pretrain_backbone job reads (the first that plans it; all share its backbone family)
+PRETRAIN = W.pretrain_jobs({r: e.config for r, e in EXPERIMENTS.items()})
+
+
+def get_pretrain_config(wildcards):
+    """The config file of the pretrain_backbone job: one experiment's that plans it."""
+    results = PRETRAIN[f"{wildcards.pdir}/{wildcards.backbone}.pt"]
+    return Path(CONFIG_ARG.format(wildcards=SimpleNamespace(results=results)))
+
+
+def get_backbone_init(wildcards):
+    """The file the baseline's backbone starts from (the pretrained backbone, or the
+    local file the config names), as input `backbone`; none from scratch."""
+    init = BI.init_file(X(wildcards).config)
+    return {"backbone": init} if init else {}
+
+
 def get_config_path(wildcards):
     """`params.config`: a Path, which Snakemake leaves out of its params rerun trigger (it
     records only builtin values), so a run with another config file that asks for the same
@@ -81,6 +101,8 @@ wildcard_constraints:
     split=r"train|val|test",
     seed=r"[0-9]+",
     regularizer=r"[a-z][a-z0-9_]*",
+    pdir="|".join(sorted({re.escape(f.rsplit("/", 1)[0]) for f in PRETRAIN})) or "(?!)",
+    backbone="|".join(sorted({re.escape(f.rsplit("/", 1)[1][:-3]) for f in PRETRAIN})) or "(?!)",
 
 
 def X(wildcards):

@@ -127,6 +127,26 @@ def _write_split(root: Path, split: str, n: int, params: dict[str, Any]) -> dict
     return {name: int((labels == c).sum()) for c, name in enumerate(names)}
 
 
+def synthetic_arrays(
+    split: str, num: int, image_size: int = 64, num_classes: int = 10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``split`` of the synthetic classification set in memory: uint8 images
+    (num, size, size, 3) and int64 labels (num,), balanced over ``num_classes`` classes
+    (the first of :data:`CLASSES`). The same draws as the ImageFolder files
+    :func:`write_synthetic_classification` writes for these parameters; byte-identical
+    for a seed (the backbone pretraining stage's set)."""
+    if not 2 <= num_classes <= len(CLASSES):
+        raise ValueError(f"num_classes must be in 2..{len(CLASSES)}, got {num_classes}")
+    if image_size < MIN_IMAGE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE}, got {image_size}")
+    rng = np.random.default_rng([seed, _SPLIT_CODES[split]])
+    labels = rng.permutation(np.arange(num) % num_classes)
+    images = np.zeros((num, image_size, image_size, 3), np.uint8)
+    for i, c in enumerate(labels):
+        images[i] = _draw(rng, int(c), image_size)
+    return images, labels.astype(np.int64)
+
+
 def write_synthetic_classification(
     out_dir: str | Path,
     num_train: int = 600,

@@ -52,8 +52,20 @@ class NarrowResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def _load_pretrained(model: nn.Module, path: str | None) -> None:
-    """Load backbone weights from a local file (never downloaded)."""
+def key_list(keys: Sequence[str], limit: int = 20) -> str:
+    """``keys`` comma separated, the first ``limit`` of them and how many more."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_backbone_state(
+    model: nn.Module, path: str | None, *, optional: tuple[str, ...] = ("fc.",)
+) -> None:
+    """Load a backbone's weights from a local state_dict file (never downloaded), strictly:
+    ``torch.load(weights_only=True)``; every parameter and buffer of ``model`` must be in
+    the file and every key of the file in ``model``, but keys under ``optional`` (a
+    classifier's ``fc.``, which detectors do not use). A ``{"state_dict": ...}`` wrapper
+    is unwrapped. Missing and unexpected keys are named, with the file."""
     if not path:
         return
     p = Path(path)
@@ -62,12 +74,32 @@ def _load_pretrained(model: nn.Module, path: str | None) -> None:
     state = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    stray = [k for k in unexpected if not k.startswith("fc.")]
-    if stray:
-        raise ValueError(f"model.pretrained_backbone: {p} has unexpected keys {stray[:5]}")
+    if not isinstance(state, dict):
+        raise ValueError(f"model.pretrained_backbone: {p} is not a state_dict")
+    own = model.state_dict()
+    missing = [
+        k
+        for k in own
+        if k not in state
+        and not k.startswith(optional)
+        and not k.endswith("num_batches_tracked")  # older files lack them; BN fills them in
+    ]
+    unexpected = [k for k in state if k not in own and not k.startswith(optional)]
+    problems = []
     if missing:
-        raise ValueError(f"model.pretrained_backbone: {p} lacks keys {missing[:5]}")
+        problems.append(f"lacks keys the backbone needs: {key_list(missing)}")
+    if unexpected:
+        problems.append(f"has keys the backbone lacks: {key_list(unexpected)}")
+    if problems:
+        raise ValueError(
+            f"model.pretrained_backbone: {p} does not fit {type(model).__name__}: "
+            + "; ".join(problems)
+        )
+    state = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(state, strict=False)
+
+
+_load_pretrained = load_backbone_state
 
 
 def resnet_fpn(

@@ -26,6 +26,8 @@ class ModelEntry:
     - ``groups``: GCP's groups by feature scale and module type, name -> module prefixes;
     - ``distill_taps``: module -> group name, the layers whose outputs SAD compares;
     - ``schedule``: the detector's default training schedule overrides;
+    - ``backbone_kind``: the backbone's kind for pretraining (``resnet``, ``cspdarknet53``,
+      ``cspdarknet53_tiny``; see :mod:`detprune.backbone_init`), None for none;
     - ``task``: ``"detection"`` (boxes, COCO data and metrics) or ``"classification"``
       (an image classifier on ImageFolder data, top-1/top-5; see
       :mod:`detprune.models.classification`).
@@ -44,3 +46,4 @@ class ModelEntry:
     distill_taps: Mapping[str, str] = field(default_factory=dict)
     schedule: Mapping[str, Any] = field(default_factory=dict)
     task: str = "detection"
+    backbone_kind: str | None = None

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from detprune.backbone_init import ARCH_KEYS
 from detprune.models import MODELS
 
 FILE = "schemas/models.yaml"
@@ -49,8 +50,10 @@ def _types(*defaults: Any) -> str:
 
 
 def catalog() -> dict[str, dict[str, Any]]:
-    """``{name: {task, schedule, kwargs: {key: types}}}`` of every registry entry (the
-    entry's own training schedule; ``types``: type names joined by ``|``, or ``any``)."""
+    """``{name: {task, schedule, kwargs: {key: types}, backbone}}`` of every registry
+    entry (the entry's own training schedule; ``types``: type names joined by ``|``, or
+    ``any``; ``backbone``: its kind and the defaults of the keys that shape it, see
+    :mod:`detprune.backbone_init`, for entries that declare one)."""
     out = {}
     for name, entry in MODELS.items():
         params = inspect.signature(entry.build).parameters.values()
@@ -64,6 +67,13 @@ def catalog() -> dict[str, dict[str, Any]]:
             "schedule": json.loads(json.dumps(dict(entry.schedule))),
             "kwargs": dict(sorted(kwargs.items())),
         }
+        if entry.backbone_kind:
+            defaults = {p.name: entry.defaults.get(p.name, p.default) for p in params}
+            keys = ARCH_KEYS[entry.backbone_kind]
+            out[name]["backbone"] = {
+                "kind": entry.backbone_kind,
+                "defaults": json.loads(json.dumps({k: defaults[k] for k in keys})),
+            }
     return out
 
 

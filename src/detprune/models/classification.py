@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 
-from detprune.models.backbones import NarrowResNet
+from detprune.models.backbones import NarrowResNet, key_list
 from detprune.models.base import ModelEntry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,9 +109,11 @@ def _load_weights(net: nn.Module, path: str) -> None:
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if unexpected:
-        raise ValueError(f"model.pretrained_backbone: {p} has unexpected keys {unexpected[:5]}")
+        raise ValueError(
+            f"model.pretrained_backbone: {p} has unexpected keys {key_list(unexpected)}"
+        )
     if missing:
-        raise ValueError(f"model.pretrained_backbone: {p} lacks keys {missing[:5]}")
+        raise ValueError(f"model.pretrained_backbone: {p} lacks keys {key_list(missing)}")
 
 
 def build_classifier(

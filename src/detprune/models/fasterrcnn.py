@@ -166,6 +166,7 @@ _CPU_RCNN = {
 }
 
 _RCNN_PRUNING = {
+    "backbone_kind": "resnet",
     "ignored_layers": FASTERRCNN_IGNORED,
     "per_roi_modules": ("roi_heads.box_head", "roi_heads.box_predictor"),
     "neck_outputs": ("backbone.fpn",),

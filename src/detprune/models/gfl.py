@@ -311,6 +311,7 @@ def build_gfl(
 
 
 _GFL_PRUNING: dict[str, Any] = {
+    "backbone_kind": "resnet",
     # the two prediction convs; everything else (FPN outputs and the shared towers
     # included: torch-pruning couples the five levels through the shared convs) is prunable
     "ignored_layers": ("head.gfl_cls", "head.gfl_reg"),

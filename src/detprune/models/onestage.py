@@ -220,6 +220,7 @@ _AUX = (
     ("backbone.body.layer4", 32),
 )
 _COMMON = {
+    "backbone_kind": "resnet",
     "neck_outputs": _FPN,
     "aux_features": _AUX,
     "groups": _BODY_GROUPS,

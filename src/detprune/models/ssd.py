@@ -151,6 +151,7 @@ def _ssd_declarations(levels: int) -> dict:
     cls = tuple(f"head.classification_head.module_list.{i}" for i in range(levels))
     reg = tuple(f"head.regression_head.module_list.{i}" for i in range(levels))
     return {
+        "backbone_kind": "resnet",
         "ignored_layers": cls + reg,
         "neck_outputs": ("backbone",),
         "cls_logits": cls,

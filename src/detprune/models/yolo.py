@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
+from detprune.models.backbones import load_backbone_state
 from detprune.models.base import ModelEntry
 from detprune.models.darknet import (
     YOLOV4_GROUPS,
@@ -292,15 +293,18 @@ def build_yolov4(
     detections_per_img: int = 100,
     identity_init: float | None = None,
     neck_bn_bias: float = 0.0,
+    pretrained_backbone: str | None = None,
 ) -> YOLO:
     """YOLOv4 (``yolov4.cfg``) for ``num_classes`` classes at ``image_size``; ``width`` and
     ``depth`` multiply channel and residual-block counts; anchors are yolov4.cfg's
     (608 px) scaled by ``image_size / 608 * anchor_scale``; grid sensitivity 1.2 / 1.1 /
     1.05; ``iou_t``: darknet's ``iou_thresh`` (see :meth:`YOLO.build_targets`);
     ``identity_init`` and ``neck_bn_bias``: how SPP + PANet start (:func:`init_neck_`;
-    the defaults are PyTorch's initialisation)."""
+    the defaults are PyTorch's initialisation); ``pretrained_backbone``: a local
+    state_dict file of the :class:`CSPDarknet53` (loaded strictly)."""
     f = image_size / 608 * anchor_scale
     backbone = CSPDarknet53(width, depth)
+    load_backbone_state(backbone, pretrained_backbone)
     neck = YOLOv4Neck(backbone.out_channels)
     head = YOLOHead(neck.out_channels, [2 * c for c in neck.out_channels], 3 * (5 + num_classes))
     init_neck_(neck, head, identity_init, neck_bn_bias)
@@ -335,11 +339,13 @@ def build_yolov4_tiny(
     score_thresh: float = 0.001,
     nms_thresh: float = 0.6,
     detections_per_img: int = 100,
+    pretrained_backbone: str | None = None,
 ) -> YOLO:
     """YOLOv4-tiny (``yolov4-tiny.cfg``); anchors scaled by ``image_size / 416 *
     anchor_scale``; grid sensitivity 1.05; otherwise as :func:`build_yolov4`."""
     f = image_size / 416 * anchor_scale
     backbone = CSPDarknetTiny(width)
+    load_backbone_state(backbone, pretrained_backbone)
     neck = TinyNeck(backbone.out_channels)
     mids = [scaled(256, width), scaled(512, width)]
     head = YOLOHead(neck.out_channels, mids, 3 * (5 + num_classes))
@@ -368,6 +374,7 @@ def build_yolov4_tiny(
 _PAPER_SCHEDULE = {"lr": 0.01, "momentum": 0.937, "weight_decay": 0.0005, "schedule": "cosine"}
 
 _V4: dict[str, Any] = {
+    "backbone_kind": "cspdarknet53",
     "ignored_layers": ("head.preds.0", "head.preds.1", "head.preds.2"),
     "neck_outputs": ("neck",),
     # obj + class + box per anchor: the class logits are channels a(5+K)+5 : (a+1)(5+K)
@@ -390,6 +397,7 @@ _V4: dict[str, Any] = {
 }
 
 _TINY: dict[str, Any] = {
+    "backbone_kind": "cspdarknet53_tiny",
     "ignored_layers": ("head.preds.0", "head.preds.1"),
     "neck_outputs": ("neck",),
     "cls_logits": ("head.preds.0", "head.preds.1"),

@@ -75,9 +75,19 @@ def apply_history(model: nn.Module, spec: dict[str, Any], history: list) -> nn.M
     return model
 
 
+def _architecture(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec``'s keyword arguments without its pretrained backbone file: a rebuilt model
+    gets its weights from the checkpoint, so later stages never read that file."""
+    return (
+        {**spec["kwargs"], "pretrained_backbone": None}
+        if "pretrained_backbone" in spec["kwargs"]
+        else dict(spec["kwargs"])
+    )
+
+
 def rebuild(spec: dict[str, Any], history: list) -> nn.Module:
     """Build the registry model of ``spec`` and prune it to ``history``."""
-    model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
+    model = build_model(spec["name"], spec["num_classes"], _architecture(spec))
     return apply_history(model, spec, history)
 
 
@@ -134,7 +144,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the (possibly pruned) model stored at ``path`` and load its weights."""
     ckpt = load(path)
     spec = ckpt["model"]
-    model = build_model(spec["name"], spec["num_classes"], spec["kwargs"])
+    model = build_model(spec["name"], spec["num_classes"], _architecture(spec))
     try:
         apply_history(model, spec, ckpt["pruning_history"])
     except ValueError as exc:
