@@ -16,8 +16,8 @@ from torch import nn
 from torchvision.models import detection as D
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detprune.stages import import_baseline
 from detprune.train import checkpoint
-from detprune.train.imported import import_baseline
 
 SIZE = 160
 
@@ -107,7 +107,9 @@ def test_a_torchvision_file_gives_torchvision_detections(name, tmp_path):
     tv = _torchvision(name, seed=3)
     src = _shipped(tv, tmp_path / "tv.pth")
     out = tmp_path / "baseline.pt"
-    info = import_baseline(_config(name, src), str(_coco(tmp_path, range(1, 91))), str(out))
+    info = import_baseline(
+        _config(name, src), str(src), str(_coco(tmp_path, range(1, 91))), str(out)
+    )
     assert info["kind"] == "torchvision" and info["num_classes"] == 90
     model, ckpt = checkpoint.load_model(out)
     assert isinstance(model.backbone.body.bn1, nn.BatchNorm2d)  # prunable, not frozen
@@ -141,7 +143,7 @@ def test_coco_80_labels_take_their_category_channels(tmp_path):
     src = _shipped(tv, tmp_path / "tv.pth")
     ids = [i for i in range(1, 91) if i % 9 != 0][:80]
     out = tmp_path / "baseline.pt"
-    import_baseline(_config("fcos_r50_fpn", src), str(_coco(tmp_path, ids)), str(out))
+    import_baseline(_config("fcos_r50_fpn", src), str(src), str(_coco(tmp_path, ids)), str(out))
     model, _ = checkpoint.load_model(out)
     w = tv.head.classification_head.cls_logits.weight
     got = model.head.classification_head.cls_logits.weight
@@ -162,7 +164,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named_at_once(tmp_path):
     torch.save(state, path)
     cfg = _config("fasterrcnn_r50_fpn", path)
     with pytest.raises(ValueError) as err:
-        import_baseline(cfg, str(_coco(tmp_path, range(1, 91))), str(tmp_path / "b.pt"))
+        import_baseline(cfg, str(path), str(_coco(tmp_path, range(1, 91))), str(tmp_path / "b.pt"))
     msg = str(err.value)
     assert str(path) in msg
     assert "missing keys 'backbone.body.layer2.0.conv1.weight'" in msg
@@ -185,7 +187,7 @@ def test_a_truncated_or_non_checkpoint_file_is_named(tmp_path, content):
         path.write_text("not weights\n")
     cfg = _config("fasterrcnn_r50_fpn", path)
     with pytest.raises(ValueError, match="model.checkpoint: .*weights.pth"):
-        import_baseline(cfg, str(_coco(tmp_path, range(1, 91))), str(tmp_path / "b.pt"))
+        import_baseline(cfg, str(path), str(_coco(tmp_path, range(1, 91))), str(tmp_path / "b.pt"))
 
 
 def test_a_project_checkpoint_is_taken_as_is_and_must_match_the_config(tmp_path):
@@ -197,11 +199,11 @@ def test_a_project_checkpoint_is_taken_as_is_and_must_match_the_config(tmp_path)
     checkpoint.save(src, spec=spec, model=model, history=[], meta={})
     cfg = {"seed": 0, "model": {"name": "fasterrcnn_narrow_fpn", "checkpoint": str(src)}}
     out = tmp_path / "b.pt"
-    info = import_baseline(cfg, str(_coco(tmp_path, [1, 2, 3])), str(out))
+    info = import_baseline(cfg, str(src), str(_coco(tmp_path, [1, 2, 3])), str(out))
     assert info["kind"] == checkpoint.FORMAT
     loaded, ckpt = checkpoint.load_model(out)
     assert ckpt["model"] == spec
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
     with pytest.raises(ValueError, match="own.pt holds fasterrcnn_narrow_fpn with 3 classes"):
-        import_baseline(cfg, str(_coco(tmp_path, [1, 2])), str(out))
+        import_baseline(cfg, str(src), str(_coco(tmp_path, [1, 2])), str(out))

@@ -56,9 +56,12 @@ def _sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def import_baseline(config: dict[str, Any], train_ann: str, out: str) -> dict[str, Any]:
-    """Write the baseline checkpoint ``out`` from the file ``model.checkpoint``."""
-    src = str(config["model"]["checkpoint"])
+def import_baseline(
+    config: dict[str, Any], weights: str | Path, train_ann: str, out: str
+) -> dict[str, Any]:
+    """Write the baseline checkpoint ``out`` from the file ``weights`` (the config's
+    ``model.checkpoint``, as the workflow passes it)."""
+    src = str(weights)
     name = config["model"]["name"]
     ids, names = dataset_classes(train_ann)
     obj = read_weights(src)
