@@ -207,3 +207,25 @@ def test_a_project_checkpoint_is_taken_as_is_and_must_match_the_config(tmp_path)
         assert torch.equal(loaded.state_dict()[k], v)
     with pytest.raises(ValueError, match="own.pt holds fasterrcnn_narrow_fpn with 3 classes"):
         import_baseline(cfg, str(src), str(_coco(tmp_path, [1, 2])), str(out))
+
+
+def test_the_cli_writes_the_baseline(tmp_path, default_config):
+    """`detprune import-checkpoint` (rule import_baseline's command) with the config file."""
+    import yaml
+
+    from detprune.cli import main
+    from detprune.models import build_model
+
+    spec = checkpoint.model_spec("fasterrcnn_narrow_fpn", 2, {})
+    src = tmp_path / "own.pt"
+    model = build_model(spec["name"], 2, spec["kwargs"])
+    checkpoint.save(src, spec=spec, model=model, history=[], meta={})
+    cfg = {**default_config, "model": {**default_config["model"], "checkpoint": str(src)}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out, log = tmp_path / "b.pt", tmp_path / "import.log"
+    argv = ["import-checkpoint", "--config", str(tmp_path / "config.yaml"), "--weights"]
+    argv += [str(src), "--train-ann", str(_coco(tmp_path, [4, 7])), "--out", str(out)]
+    main([*argv, "--seed", "3", "--log", str(log)])
+    _, ckpt = checkpoint.load_model(out)
+    assert ckpt["meta"]["seed"] == 3 and ckpt["meta"]["class_names"] == ["c4", "c7"]
+    assert "fasterrcnn_narrow_fpn" in ckpt["meta"]["config"]["model"]["name"]
