@@ -83,6 +83,12 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     pretrain(_config(a.config), a.out, a.meta)
 
 
+def cmd_import(a: argparse.Namespace) -> None:
+    from detprune import stages
+
+    log.info("%s", stages.import_baseline(_config(a.config, a.seed), a.weights, a.train_ann, a.out))
+
+
 def cmd_sparse(a: argparse.Namespace) -> None:
     from detprune import stages
 
@@ -328,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the backbone's state_dict (.pt)")
     p.add_argument("--meta", required=True, help="its record (.json): accuracy, versions")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("import-checkpoint", help="the baseline from a detector's weights file")
+    _common(p)
+    p.add_argument("--weights", required=True, help="detprune checkpoint or torchvision file")
+    p.add_argument("--train-ann", required=True, help="training COCO JSON (its category ids)")
+    p.add_argument("--out", required=True, help="baseline checkpoint (.pt)")
+    p.add_argument("--seed", type=int, default=None, help="the baseline's seed (provenance)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("sparse", help="sparse training before pruning (slim, depgraph, ...)")
     _common(p, threads=True)

@@ -187,8 +187,10 @@ def experiment_config(
     results_root: str,
     profile: str,
     roots: Mapping[str, str],
+    checkpoints: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """The config of one experiment: the profile's, with its model, dataset and seed."""
+    """The config of one experiment: the profile's, with its model, dataset and seed;
+    ``checkpoints[dataset][model]``, when given, is its ``model.checkpoint``."""
     entry = model_catalog()[setup["model"]]
     task = entry["task"]
     exp = profile_cfg.get("experiment", {})
@@ -207,6 +209,9 @@ def experiment_config(
     cfg["seeds"] = [int(seed)]  # one experiment per training seed, each its own baseline
     cfg.pop("baseline_per_seed", None)
     cfg["model"] = {**cfg["model"], "name": setup["model"]}
+    weights = (checkpoints or {}).get(dataset, {}).get(setup["model"])
+    if weights:
+        cfg["model"]["checkpoint"] = weights
     keys = exp.get("model_schedule_keys", [])
     schedule = entry["schedule"]
     cfg["train"].update({k: copy.deepcopy(v) for k, v in schedule.items() if k in keys})
@@ -227,13 +232,19 @@ def plan(
     """The experiments (by results folder) and their jobs that ``tables`` need."""
     profile_cfg = load_profile(profile)
     roots = {k: str(main.get(k, v)) for k, v in ROOT_DEFAULTS.items()}
+    weights = main.get("checkpoints") or {}
+    unknown = sorted(
+        f"{d}.{m}" for d, ms in weights.items() for m in ms if m not in model_catalog()
+    )
+    if unknown:
+        raise ConfigError(f"config field 'checkpoints': unknown models {unknown}")
     out: dict[str, Experiment] = {}
     for table in tables:
         for seed in parse_seeds(main.get("seeds"), table.seeds):
             exps = {}
             for key, setups in table.experiments.items():  # every baseline, even of missing rows
                 cfg = experiment_config(
-                    profile_cfg, setups[profile], seed, main["results"], profile, roots
+                    profile_cfg, setups[profile], seed, main["results"], profile, roots, weights
                 )
                 exps[key] = out.setdefault(cfg["results"], Experiment(cfg["results"], cfg))
             for row in table.rows:

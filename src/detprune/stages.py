@@ -175,6 +175,14 @@ def train(config: dict[str, Any], train_ann: str, train_images: str, out: str) -
     )
 
 
+def import_baseline(config: dict[str, Any], weights: str, train_ann: str, out: str) -> dict:
+    """The baseline from the detector weights ``weights`` (``model.checkpoint``): a
+    detprune checkpoint or torchvision's state_dict, never trained."""
+    from detprune.train.imported import import_baseline as write_imported
+
+    return write_imported(config, weights, train_ann, out)
+
+
 def _batches(
     dataset: CocoDetection | ImageFolderDataset, batch_size: int, seed: int, device: torch.device
 ):

@@ -52,6 +52,7 @@ PARAMS = {
     "check": ["data"],
     "train": ["seed", "model", "train", "pretrain"],
     "pretrain": ["pretrain"],
+    "import": ["seed", "model"],
     "sparse": ["seed", "sparse.schedule"],
     "prune": [
         "seed",
@@ -135,6 +136,10 @@ COMMANDS = {
         "detprune train --config {params.config} --train-ann {input.train_ann} "
         "--train-images {input.train_images} --out {output.model} "
         "--seed {wildcards.seed} --threads {threads} --log {log}"
+    ),
+    "import": (
+        "detprune import-checkpoint --config {params.config} --weights {input.weights} "
+        "--train-ann {input.train_ann} --out {output.model} --seed {wildcards.seed} --log {log}"
     ),
     "sparse": (
         "detprune sparse --config {params.config} --regularizer {params.regularizer} "
@@ -519,24 +524,49 @@ def _pretrain_stage(config: Mapping[str, Any], p: dict[str, Any]) -> list[Stage]
     return [Stage(name, cmd, deps, outs, stage_params(config, "pretrain"))]
 
 
-def _baseline_stages(config: Mapping[str, Any], p: dict[str, Any], seed: int) -> list[Stage]:
-    """Training and evaluation of the baseline of ``seed``."""
+def imported_weights(config: Mapping[str, Any]) -> str | None:
+    """``model.checkpoint``: the file the baseline is imported from (None: trained)."""
+    return config["model"].get("checkpoint") or None
+
+
+def _baseline_source(config: Mapping[str, Any], p: dict[str, Any], seed: int) -> Stage:
+    """The stage writing the baseline of ``seed``: trained, or imported from a file."""
     data = dataset_paths(config)
     train_in = {"train_ann": data["train_ann"], "train_images": data["train_images"]}
     init = backbone_init.init_file(config)
-    test_in = {"test_ann": data["test_ann"], "test_images": data["test_images"]}
     checks = [path("check", config, split=s) for s in SPLITS]
-    base, mb = path("baseline", config, seed=seed), path("metrics_baseline", config, seed=seed)
-    w, tag = {"seed": seed}, f"seed{seed}"
-    train = _cmd(
+    base, tag = path("baseline", config, seed=seed), f"seed{seed}"
+    weights = imported_weights(config)
+    if weights:
+        cmd = _cmd(
+            "import",
+            params=p,
+            input={"weights": weights, "train_ann": data["train_ann"]},
+            output={"model": base},
+            wildcards={"seed": seed},
+            log=path("log", config, stage=f"import/{tag}"),
+        )
+        deps = [weights, data["train_ann"], *checks]
+        return Stage(f"import_{tag}", cmd, deps, [base], stage_params(config, "import"))
+    cmd = _cmd(
         "train",
         params=p,
         input=train_in,
         output={"model": base},
-        wildcards=w,
+        wildcards={"seed": seed},
         threads=stage_threads(config, "train"),
         log=path("log", config, stage=f"train/{tag}"),
     )
+    deps = [*train_in.values(), *checks, *([init] if init else [])]
+    return Stage(f"train_{tag}", cmd, deps, [base], stage_params(config, "train"))
+
+
+def _baseline_stages(config: Mapping[str, Any], p: dict[str, Any], seed: int) -> list[Stage]:
+    """Training (or import) and evaluation of the baseline of ``seed``."""
+    data = dataset_paths(config)
+    test_in = {"test_ann": data["test_ann"], "test_images": data["test_images"]}
+    base, mb = path("baseline", config, seed=seed), path("metrics_baseline", config, seed=seed)
+    w, tag = {"seed": seed}, f"seed{seed}"
     evaluate = _cmd(
         "evaluate",
         params={**p, "method": "baseline", "flops": 1.0},
@@ -547,13 +577,7 @@ def _baseline_stages(config: Mapping[str, Any], p: dict[str, Any], seed: int) ->
         log=path("log", config, stage=f"evaluate_baseline/{tag}"),
     )
     return [
-        Stage(
-            f"train_{tag}",
-            train,
-            [*train_in.values(), *checks, *([init] if init else [])],
-            [base],
-            stage_params(config, "train"),
-        ),
+        _baseline_source(config, p, seed),
         Stage(
             f"evaluate_baseline_{tag}",
             evaluate,

@@ -311,3 +311,100 @@ def test_evaluate_export_onnx_plans_one_export_per_evaluated_checkpoint(root, tm
     classifier = {**on, "data": {**on["data"], "source": "synth_cls"}}
     with pytest.raises(ValueError, match="evaluate.export': onnx export covers detectors"):
         export_files(classifier)
+
+
+def _jobs(stdout: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, fields) of each job of a `snakemake -n -p` plan."""
+    return [
+        (
+            j.split(":", 1)[0],
+            dict(ln.strip().split(": ", 1) for ln in j.splitlines()[1:] if ": " in ln),
+        )
+        for j in stdout.split("\nrule ")
+    ]
+
+
+def test_a_model_checkpoint_imports_the_baseline_and_never_trains_it(root, tmp_path):
+    """`model.checkpoint` set: rule import_baseline writes the baseline from the file (a
+    dependency), train_baseline is not planned, and dvc.yaml runs the same commands."""
+    from tests.helpers import project
+
+    cfg = load_config(root / "config" / "config.yaml")
+    cfg = {**cfg, "model": {**cfg["model"], "checkpoint": "weights/detector.pth"}}
+    proj = project(root, tmp_path / "proj", cfg)
+    (proj / "weights").mkdir()
+    (proj / "weights/detector.pth").write_bytes(b"")  # a dry run reads no file
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "2"]
+    out = subprocess.run(cmd, cwd=proj, capture_output=True, text=True, env=env, check=True)
+    jobs = _jobs(out.stdout)
+    assert not [f for rule, f in jobs if rule == "train_baseline"]
+    (imp,) = [f for rule, f in jobs if rule == "import_baseline"]
+    reports = [f"results/data/check_{s}.json" for s in ("train", "val", "test")]
+    train_ann = "results/data/synth/instances_train.json"
+    assert imp["input"].split(", ") == ["weights/detector.pth", train_ann, *reports]
+    assert imp["output"] == "results/models/baseline/seed0.pt"
+    assert imp["log"] == "results/logs/import/seed0.log"
+    assert imp["benchmark"] == "results/benchmarks/import/seed0.tsv"
+    assert imp["Shell command"] == (
+        "detprune import-checkpoint --config config/config.yaml --weights weights/detector.pth "
+        f"--train-ann {train_ann} --out results/models/baseline/seed0.pt --seed 0 "
+        "--log results/logs/import/seed0.log"
+    )
+    stages = yaml.safe_load(dvc_yaml(cfg, "config/config.yaml"))["stages"]
+    assert "train_seed0" not in stages
+    assert stages["import_seed0"]["deps"] == ["weights/detector.pth", train_ann, *reports]
+    assert stages["import_seed0"]["params"] == [{"config/config.yaml": ["seed", "model"]}]
+    planned = sorted(
+        line.removeprefix("Shell command: ")
+        for line in out.stdout.splitlines()
+        if line.startswith("Shell command: detprune")
+    )
+    assert planned == sorted(s["cmd"] for s in stages.values())
+
+
+def test_a_table_run_takes_each_experiments_checkpoint(root, monkeypatch):
+    """`checkpoints.<dataset>.<model>` (e.g. `--config 'checkpoints={coco: {...}}'`) is the
+    model.checkpoint of that experiment only; an unknown model stops the plan."""
+    from detprune import experiments as E
+    from detprune.config import ConfigError
+
+    monkeypatch.chdir(root)
+    main = load_config("config/config.yaml")
+    files = {"fasterrcnn_r50_fpn": "w/frcnn.pth", "retinanet_r50_fpn": "w/retina.pth"}
+    plan = E.plan({**main, "checkpoints": {"coco": files}}, [E.load_table("miep_t2")], "paper")
+    got = {
+        (r.split("/")[3], e.config["model"]["name"]): e.config["model"].get("checkpoint")
+        for r, e in plan.items()
+    }
+    assert got[("coco", "fasterrcnn_r50_fpn")] == "w/frcnn.pth"
+    assert got[("coco", "retinanet_r50_fpn")] == "w/retina.pth"
+    assert got[("voc07", "fasterrcnn_r50_fpn")] is None  # COCO's weights: COCO only
+    assert got[("coco", "fsaf_r50_fpn")] is None
+    with pytest.raises(ConfigError, match=r"unknown models \['coco.fcos_r50'\]"):
+        E.plan({**main, "checkpoints": {"coco": {"fcos_r50": "x"}}}, [], "paper")
+
+
+def test_a_table_run_imports_the_baselines_it_has_files_for(root, tmp_path):
+    """In one DAG, experiments with a checkpoint import their baseline, the others train."""
+    proj = _table_project(root, tmp_path / "proj")
+    coco = [f"coco/annotations/instances_{s}2017.json" for s in ("train", "val")]
+    for f in (*coco, "voc/voc0712_trainval.json", "voc/voc07_test.json", "w/frcnn.pth"):
+        (proj / f).parent.mkdir(parents=True, exist_ok=True)
+        (proj / f).write_text("{}\n")  # a dry run reads none
+    for d in ("coco/train2017", "coco/val2017", "voc/JPEGImages"):
+        (proj / d).mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(BIN / "snakemake"), "-n", "-p", "--cores", "2", "--config", "table=miep_t2"]
+    cmd += ["profile=paper", "seeds=1", "coco_root=coco", "voc_root=voc"]
+    cmd += ["checkpoints={coco: {fasterrcnn_r50_fpn: w/frcnn.pth}}"]
+    out = subprocess.run(cmd, cwd=proj, capture_output=True, text=True, env=env, check=True)
+    jobs = _jobs(out.stdout)
+    exp = "results/experiments/paper/{}/{}/seed0/models/baseline/seed0.pt"
+    (imp,) = [f for rule, f in jobs if rule == "import_baseline"]
+    assert imp["output"] == exp.format("coco", "fasterrcnn_r50_fpn")
+    assert imp["input"].startswith("w/frcnn.pth, ")
+    trained = {f["output"] for rule, f in jobs if rule == "train_baseline"}
+    assert exp.format("voc07", "fasterrcnn_r50_fpn") in trained
+    assert exp.format("coco", "retinanet_r50_fpn") in trained
+    assert imp["output"] not in trained

@@ -165,6 +165,21 @@ def out_dir(name):
     return lambda wildcards, output: os.path.dirname(output[name])
 
 
+def _results_re(results):
+    return "|".join(re.escape(r) for r in results) or "(?!)"
+
+
+# Experiments whose baseline is imported from `model.checkpoint` (rule import_baseline)
+# and those that train it (rule train_baseline): both write P("baseline").
+IMPORTED_RESULTS = _results_re(r for r, e in EXPERIMENTS.items() if W.imported_weights(e.config))
+TRAINED_RESULTS = _results_re(r for r, e in EXPERIMENTS.items() if not W.imported_weights(e.config))
+
+
+def get_weights(wildcards):
+    """The weights file the baseline is imported from (`model.checkpoint`)."""
+    return W.imported_weights(X(wildcards).config)
+
+
 def get_prune_source(wildcards):
     """The sparse-trained checkpoint when the method has a sparse stage, else the baseline."""
     return W.prune_source(X(wildcards).config, wildcards.method, wildcards.pct, wildcards.seed)
