@@ -39,19 +39,11 @@ from detprune.train.sparsity import (
     describe_gammas,
     gamma_histogram,
 )
-from detprune.utils.io import write_json
+from detprune.utils.io import file_sha256, write_json
 from detprune.utils.provenance import provenance
 from detprune.utils.seed import seed_everything
 
 log = logging.getLogger("detprune")
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fingerprint(**parts: Any) -> str:
@@ -63,7 +55,7 @@ def _data_hash(path: str | Path) -> str:
     file list with sizes (reading every image of ImageNet at each start would be slow)."""
     p = Path(path)
     if not p.is_dir():
-        return _sha256(p)
+        return file_sha256(p)
     files = sorted(f for f in p.rglob("*") if f.is_file())
     return _fingerprint(files=[[str(f.relative_to(p)), f.stat().st_size] for f in files])
 
@@ -243,7 +235,11 @@ def sparse(
         )
     )
     meta["fingerprint"] = _fingerprint(
-        sched=sched, reg=regularizer, options=options, seed=config["seed"], init=_sha256(ckpt_path)
+        sched=sched,
+        reg=regularizer,
+        options=options,
+        seed=config["seed"],
+        init=file_sha256(ckpt_path),
     )
     before = gamma_histogram(model)
     log.info("sparse %s, before: %s", regularizer, describe_gammas(before))
@@ -381,8 +377,8 @@ def finetune(
     meta["fingerprint"] = _fingerprint(
         sched=sched,
         seed=config["seed"],
-        init=_sha256(ckpt_path),
-        teacher=_sha256(teacher_path) if distill else None,
+        init=file_sha256(ckpt_path),
+        teacher=file_sha256(teacher_path) if distill else None,
         data=_data_hash(train_ann),
     )
     return fit(
@@ -464,7 +460,7 @@ def evaluate_checkpoint(
         **({"bootstrap": boot} if boot is not None else {}),
         "checkpoint": {
             "path": ckpt_path,
-            "sha256": _sha256(ckpt_path),
+            "sha256": file_sha256(ckpt_path),
             "pruning": ckpt["meta"].get("pruning", {}).get("flops_kept"),
         },
         "provenance": provenance(

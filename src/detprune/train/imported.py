@@ -9,7 +9,6 @@ read a trained baseline.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 from detprune.models import build_model
 from detprune.models.import_weights import is_state_dict, load_torchvision, read_weights
 from detprune.train import checkpoint
+from detprune.utils.io import file_sha256
 from detprune.utils.provenance import provenance
 
 
@@ -46,14 +46,6 @@ def _from_project(path: str, name: str, num_classes: int) -> tuple[nn.Module, di
     if ckpt["pruning_history"]:
         raise ValueError(f"model.checkpoint: {path} holds a pruned model, not a baseline")
     return model, spec
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def import_baseline(
@@ -86,7 +78,7 @@ def import_baseline(
         flops_target=1.0,
         seed=config["seed"],
         class_names=names,
-        source={"path": src, "sha256": _sha256(src), "kind": kind},
+        source={"path": src, "sha256": file_sha256(src), "kind": kind},
     )
     checkpoint.save(out, spec=spec, model=model, history=[], meta=meta)
     return {"out": out, "source": src, "kind": kind, "num_classes": len(ids)}
