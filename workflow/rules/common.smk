@@ -24,7 +24,10 @@ check_names(config, " + ".join(map(str, workflow.overwrite_configfiles or ["conf
 
 
 def _experiments():
-    config["smoke"] = SMOKE.flag(config)
+    if SMOKE.flag(config):  # `--config smoke=true` gives the string "true"
+        config["smoke"] = True
+    else:
+        config.pop("smoke", None)
     if "table" not in config:
         if "profile" in config or config.get("smoke"):
             raise ValueError("config field 'profile' or 'smoke' is set but 'table' is not")
