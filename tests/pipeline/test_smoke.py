@@ -42,3 +42,24 @@ def test_smoke_runs_the_paper_jobs_of_every_table(tmp_path):
     # the smoke run's own folder and the fixture's, beside no real result
     smoke_cfg = proj / "results/smoke/experiments/paper/coco/gfl_r50_fpn/seed0/config.yaml"
     assert "results/smoke/data/coco/annotations" in smoke_cfg.read_text()
+
+
+def test_the_fastest_tables_smoke_run_completes(tmp_path):
+    """miep_t5 (GFL R50 on COCO: TLI, TLI + Phi_pre, TLI + Phi_pre + Phi_obj at 10 %
+    FLOPs), every job of the paper run on the CPU: ~3 min on 2 cores (benchmarks/
+    paper_smoke.md has the other tables)."""
+    import pandas as pd
+    import yaml
+
+    proj = _table_project(tmp_path / "proj", _default_config())
+    cmd = [str(BIN / "snakemake"), "--cores", "2", "--config", "table=miep_t5"]
+    run([*cmd, "profile=paper", "smoke=true"], proj, timeout=900)
+    df = pd.read_csv(proj / "results/smoke/tables/paper/miep_t5.csv")
+    assert list(df["method"]) == ["TLI", "TLI + Phi_pre", "TLI + Phi_pre + Phi_obj"]
+    assert (abs(df["flops_kept (%)"] - 10) <= 0.5).all()
+    exp = proj / "results/smoke/experiments/paper/coco/gfl_r50_fpn/seed0"
+    cfg = yaml.safe_load((exp / "config.yaml").read_text())
+    assert cfg["model"]["kwargs"] == {"image_size": 128, "max_size": 128}
+    assert cfg["train"]["device"] == "cpu" and cfg["data"]["coco"]["tune_images"] == 2
+    assert (exp / "models/finetuned/miep-phipre/flops10/seed0.pt").is_file()
+    assert not (proj / "results/experiments").exists()  # nothing beside real results
