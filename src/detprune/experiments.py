@@ -21,6 +21,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from detprune import smoke as S
 from detprune.config import ConfigError, load_config, model_catalog, validate
 from detprune.utils.io import write_text
 from detprune.workflow import path, pct
@@ -231,7 +232,9 @@ def plan(
 ) -> dict[str, Experiment]:
     """The experiments (by results folder) and their jobs that ``tables`` need."""
     profile_cfg = load_profile(profile)
-    roots = {k: str(main.get(k, v)) for k, v in ROOT_DEFAULTS.items()}
+    smoke = S.check({**main, "profile": profile})
+    defaults = S.fixture_roots(main["results"]) if smoke else ROOT_DEFAULTS
+    roots = {k: str(main.get(k, v)) for k, v in defaults.items()}
     weights = main.get("checkpoints") or {}
     unknown = sorted(
         f"{d}.{m}" for d, ms in weights.items() for m in ms if m not in model_catalog()
@@ -251,6 +254,10 @@ def plan(
                 targets = exps[row.experiment].targets
                 if not row.missing and (row.method, row.flops) not in targets:
                     targets.append((row.method, row.flops))
+    if smoke:  # the same jobs, their work cut (detprune.smoke)
+        for exp in out.values():
+            exp.config = S.overlay(exp.config, [m for m, _ in exp.targets])
+            validate(exp.config, f"experiment {exp.results}")
     return out
 
 

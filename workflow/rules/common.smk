@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 from detprune import backbone_init as BI
 from detprune import experiments as E
+from detprune import smoke as SMOKE
 from detprune import workflow as W
 from detprune.config import check_names, load_config
 
@@ -23,9 +24,13 @@ check_names(config, " + ".join(map(str, workflow.overwrite_configfiles or ["conf
 
 
 def _experiments():
+    if SMOKE.flag(config):  # `--config smoke=true` gives the string "true"
+        config["smoke"] = True
+    else:
+        config.pop("smoke", None)
     if "table" not in config:
-        if "profile" in config:
-            raise ValueError("config field 'profile' is set but 'table' is not")
+        if "profile" in config or config.get("smoke"):
+            raise ValueError("config field 'profile' or 'smoke' is set but 'table' is not")
         path = os.path.relpath((workflow.overwrite_configfiles or ["config/config.yaml"])[-1])
         drift = W.config_drift(config, load_config(path))
         if drift:
@@ -37,6 +42,8 @@ def _experiments():
         return {config["results"]: E.Experiment(config["results"], config)}, path, None
     if "profile" not in config:
         raise ValueError("config field 'table' needs 'profile' (mini or paper)")
+    if SMOKE.check(config):  # its own results folder, never mixed with real results
+        config["results"] = SMOKE.results_root(config["results"])
     tables = [E.load_table(name) for name in E.selected_tables(config["table"])]
     plan = E.plan(config, tables, config["profile"])
     for exp in plan.values():

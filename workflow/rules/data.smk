@@ -95,3 +95,42 @@ rule check_data:
         "../envs/detprune.yaml"
     shell:
         CMD["check"]
+
+
+# Smoke run of the paper profile (--config smoke=true): the datasets, unless their roots
+# are given, are a fixture laid out as the paper profile reads them (detprune.smoke).
+if config.get("smoke"):
+    _FIXTURE = SMOKE.fixture_roots(config["results"])
+
+    rule smoke_coco:
+        output:
+            train_ann=f"{_FIXTURE['coco_root']}/annotations/instances_train2017.json",
+            val_ann=f"{_FIXTURE['coco_root']}/annotations/instances_val2017.json",
+            train_images=directory(f"{_FIXTURE['coco_root']}/train2017"),
+            val_images=directory(f"{_FIXTURE['coco_root']}/val2017"),
+        threads: 1
+        resources:
+            gpu=0,
+        run:
+            SMOKE.write_fixture("coco", _FIXTURE["coco_root"])
+
+    rule smoke_voc:
+        output:
+            train_ann=f"{_FIXTURE['voc_root']}/voc0712_trainval.json",
+            test_ann=f"{_FIXTURE['voc_root']}/voc07_test.json",
+            images=directory(f"{_FIXTURE['voc_root']}/JPEGImages"),
+        threads: 1
+        resources:
+            gpu=0,
+        run:
+            SMOKE.write_fixture("voc", _FIXTURE["voc_root"])
+
+    rule smoke_imagenet:
+        output:
+            train=directory(f"{_FIXTURE['imagenet_root']}/train"),
+            val=directory(f"{_FIXTURE['imagenet_root']}/val"),
+        threads: 1
+        resources:
+            gpu=0,
+        run:
+            SMOKE.write_fixture("imagenet", _FIXTURE["imagenet_root"])
