@@ -108,8 +108,8 @@ wildcard_constraints:
     split=r"train|val|test",
     seed=r"[0-9]+",
     regularizer=r"[a-z][a-z0-9_]*",
-    pdir="|".join(sorted({re.escape(f.rsplit("/", 1)[0]) for f in PRETRAIN})) or "(?!)",
-    backbone="|".join(sorted({re.escape(f.rsplit("/", 1)[1][:-3]) for f in PRETRAIN})) or "(?!)",
+    pdir="|".join(sorted({re.escape(os.path.dirname(f)) for f in PRETRAIN})) or "(?!)",
+    backbone="|".join(sorted({re.escape(Path(f).stem) for f in PRETRAIN})) or "(?!)",
 
 
 def X(wildcards):
@@ -177,7 +177,7 @@ def _results_re(results):
 
 
 # Experiments whose baseline is imported from `model.checkpoint` (rule import_baseline)
-# and those that train it (rule train_baseline): both write P("baseline").
+# and those that train it (rule train_baseline); both write P("baseline").
 IMPORTED_RESULTS = _results_re(r for r, e in EXPERIMENTS.items() if W.imported_weights(e.config))
 TRAINED_RESULTS = _results_re(r for r, e in EXPERIMENTS.items() if not W.imported_weights(e.config))
 
