@@ -12,6 +12,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 _RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+#: The narrow ResNet's stage widths and block counts when a config gives none.
+NARROW_WIDTHS, NARROW_BLOCKS = (16, 32, 64, 128), (1, 1, 1, 1)
 
 
 class NarrowResNet(nn.Module):
@@ -113,10 +115,8 @@ def resnet_fpn(
 ) -> BackboneWithFPN:
     """ResNet (``resnet18``, ``resnet50`` or ``narrow``) + FPN with P2-P6 outputs."""
     if arch == "narrow":
-        body: nn.Module = NarrowResNet(
-            widths or (16, 32, 64, 128), blocks or (1, 1, 1, 1), stem_width
-        )
-        in_channels = list(widths or (16, 32, 64, 128))
+        body: nn.Module = NarrowResNet(widths or NARROW_WIDTHS, blocks or NARROW_BLOCKS, stem_width)
+        in_channels = list(widths or NARROW_WIDTHS)
     elif arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
         body = getattr(resnet, arch)(weights=None, norm_layer=nn.BatchNorm2d)
         _load_pretrained(body, pretrained_backbone)
@@ -146,8 +146,8 @@ def resnet_body(
 ) -> tuple[nn.Module, list[int]]:
     """A ResNet (``narrow``, ``resnet18`` ... ``resnet101``) and its four stage widths."""
     if arch == "narrow":
-        widths = list(widths or (16, 32, 64, 128))
-        body: nn.Module = NarrowResNet(widths, blocks or (1, 1, 1, 1), stem_width)
+        widths = list(widths or NARROW_WIDTHS)
+        body: nn.Module = NarrowResNet(widths, blocks or NARROW_BLOCKS, stem_width)
         _load_pretrained(body, pretrained_backbone)
         return body, widths
     if arch not in ("resnet18", "resnet34", "resnet50", "resnet101"):

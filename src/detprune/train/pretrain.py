@@ -42,14 +42,14 @@ def build_backbone(kind: str, arch: Mapping[str, Any]) -> nn.Module:
     :func:`detprune.backbone_init.backbone_arch`)."""
     from torchvision.models import resnet
 
-    from detprune.models.backbones import NarrowResNet
+    from detprune.models.backbones import NARROW_BLOCKS, NARROW_WIDTHS, NarrowResNet
     from detprune.models.darknet import CSPDarknet53, CSPDarknetTiny
 
     if kind == "resnet":
         if arch["backbone"] == "narrow":  # as backbones.resnet_fpn / resnet_body build it
             return NarrowResNet(
-                arch.get("widths") or (16, 32, 64, 128),
-                arch.get("blocks") or (1, 1, 1, 1),
+                arch.get("widths") or NARROW_WIDTHS,
+                arch.get("blocks") or NARROW_BLOCKS,
                 arch.get("stem_width") or 16,
             )
         return getattr(resnet, arch["backbone"])(weights=None, norm_layer=nn.BatchNorm2d)
