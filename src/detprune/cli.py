@@ -157,11 +157,21 @@ def cmd_export(a: argparse.Namespace) -> None:
         sys.exit(2)
 
 
+def cmd_time_latency(a: argparse.Namespace) -> None:
+    from detprune import stages
+
+    try:
+        stages.time_latency(_config(a.config), a.metrics, a.ann, a.images, a.out)
+    except ValueError as exc:  # a missing or changed checkpoint: say which
+        log.error("time-latency failed: %s", exc)
+        sys.exit(2)
+
+
 def cmd_report(a: argparse.Namespace) -> None:
     from detprune import stages
 
     for p in stages.report(
-        _config(a.config), a.metrics, a.prune_summaries, a.tables_dir, a.figures_dir
+        _config(a.config), a.metrics, a.prune_summaries, a.tables_dir, a.figures_dir, a.latency
     ):
         log.info("wrote %s", p)
 
@@ -398,9 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".onnx file (its report: .onnx.json beside it)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "time-latency", help="latency of every checkpoint that metrics records name, one job"
+    )
+    _common(p)
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics JSONs (baseline first)")
+    p.add_argument("--ann", required=True, help="COCO instances JSON (ImageFolder: its root)")
+    p.add_argument("--images", required=True, help="image folder: its first image is timed")
+    p.add_argument("--out", required=True, help="timing record JSON")
+    p.set_defaults(func=cmd_time_latency)
+
     p = sub.add_parser("report", help="paper-style tables and figures from metrics JSONs")
     _common(p)
     p.add_argument("--metrics", nargs="+", required=True, help="metrics JSONs")
+    p.add_argument(
+        "--latency", nargs="*", default=[], help="timing records (detprune time-latency)"
+    )
     p.add_argument("--prune-summaries", nargs="*", default=[], help="pruning summary JSONs")
     p.add_argument("--tables-dir", required=True, help="folder for .csv/.md/.tex tables")
     p.add_argument("--figures-dir", required=True, help="folder for .png figures")

@@ -136,7 +136,8 @@ def overlay(cfg: Mapping[str, Any], methods: Iterable[str]) -> dict[str, Any]:
         declared = options_of(get_method(m))
         cut = {k: v for k, v in BUDGETS.items() if k in declared}
         options[m] = {**options.get(m, {}), **cut}
-    out["evaluate"].update(batch_size=BATCH, latency_runs=1)
+    out["evaluate"]["batch_size"] = BATCH
+    out["evaluate"]["latency"].update(runs=1, warmup=0)
     name = out["model"]["name"]
     entry = model_catalog()[name]
     size = CLS_SIZE if entry["task"] == "classification" else DET_SIZE

@@ -24,7 +24,7 @@ from detprune.data.transforms import get_transform
 from detprune.evaluation.bootstrap import bootstrap_record
 from detprune.evaluation.classification import evaluate_classifier, summary_text
 from detprune.evaluation.coco_eval import evaluate_detections
-from detprune.evaluation.cost import count_macs, count_params, measure_latency
+from detprune.evaluation.cost import count_macs, count_params
 from detprune.models import MODELS, build_model, model_kwargs
 from detprune.pruning.base import PruneContext
 from detprune.pruning.methods import get_method, procedure_of
@@ -405,8 +405,9 @@ def evaluate_checkpoint(
     split: str = "test",
 ) -> dict[str, Any]:
     """COCO metrics (top-1/top-5 accuracy for a classifier, whose ``images`` is the
-    ImageFolder root), parameters, MACs and latency of a checkpoint, as one JSON record
-    that names the ``split`` it was scored on. A detector's record also holds its AP on
+    ImageFolder root), parameters and MACs of a checkpoint (its latency is the timing
+    step's, :func:`time_latency`), as one JSON record that names the ``split`` it was
+    scored on. A detector's record also holds its AP on
     each of the seeded bootstrap resamples of the images (``evaluate.bootstrap``), the
     same resamples for every checkpoint, from which the report pairs any two rows."""
     seed_everything(config["seed"])
@@ -439,8 +440,6 @@ def evaluate_checkpoint(
         per_roi_modules=MODELS[spec["name"]].per_roi_modules,
         rois_per_image=_rois(spec),
     )
-    image, _ = dataset[0]
-    latency = measure_latency(model.to(device), image, ecfg["latency_runs"])
     record = {
         "detector": spec["name"],
         "method": method,
@@ -454,7 +453,6 @@ def evaluate_checkpoint(
             "macs": macs["macs"],
             "input_size": macs["input_size"],
             "rois_per_image": macs["rois_per_image"],
-            **latency,
         },
         "coco_summary": summary,
         **({"bootstrap": boot} if boot is not None else {}),
@@ -480,6 +478,21 @@ def evaluate_checkpoint(
     return record
 
 
+def time_latency(
+    config: dict[str, Any], metrics: list[str], ann: str, images: str, out: str
+) -> dict[str, Any]:
+    """The timing step (``evaluate.latency``): every checkpoint the metrics records name,
+    timed one after the other (:mod:`detprune.evaluation.latency`), as one JSON record."""
+    from detprune.evaluation.latency import time_checkpoints
+
+    seed_everything(config["seed"])
+    lcfg = config["evaluate"]["latency"]
+    record = time_checkpoints(metrics, ann, images, lcfg)
+    record["provenance"] = provenance({"evaluate": {"latency": lcfg}})
+    write_json(out, record)
+    return record
+
+
 def set_threads(threads: int | None) -> None:
     """Limit torch's intra-op threads (Snakemake's ``threads``)."""
     if threads:
@@ -492,9 +505,12 @@ def report(
     summaries: list[str],
     tables_dir: str,
     figures_dir: str,
+    latency: list[str] | None = None,
 ) -> list[Path]:
-    """Paper-style tables, a compact metrics summary, and the figures."""
+    """Paper-style tables (with the timing step's latency and speed-up columns when
+    ``latency`` records are given), a compact metrics summary, and the figures."""
     from detprune.report.figures import plot_channels_per_layer, plot_map_vs_flops
+    from detprune.report.speed import add_latency, load_latency
     from detprune.report.tables import build_table, load_records, write_table
 
     name = config["report"]["name"]
@@ -507,6 +523,7 @@ def report(
         level=rcfg.get("level", 0.95),
         seed=boot.get("seed", 0),
     )
+    df = add_latency(df, load_latency([Path(p) for p in latency or []]))
     paths = write_table(df, Path(tables_dir) / name)
     write_json(Path(tables_dir) / f"{name}_summary.json", metrics_summary(df))
     paths.append(
@@ -550,6 +567,10 @@ SUMMARY_COLUMNS = (
     "flops_kept (%)",
     "GMACs",
     "params (M)",
+    "latency (ms)",
+    "speed-up",
+    "ORT (ms)",
+    "ORT speed-up",
 )
 
 

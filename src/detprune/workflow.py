@@ -32,6 +32,7 @@ PATHS = {
     "finetuned": "{results}/models/finetuned/{method}/flops{pct}/seed{seed}.pt",
     "metrics_baseline": "{results}/metrics/baseline/seed{seed}.json",
     "metrics": "{results}/metrics/{method}/flops{pct}/seed{seed}.json",
+    "latency": "{results}/metrics/latency/{name}/seed{seed}.json",
     "table": "{results}/tables/{name}.{ext}",
     "summary": "{results}/tables/{name}_summary.json",
     "figure": "{results}/figures/{name}_{kind}.png",
@@ -68,13 +69,14 @@ PARAMS = {
     "evaluate": ["evaluate"],
     "report": ["report"],
     "export": ["evaluate.export"],
+    "latency": ["evaluate.latency"],
 }
 
 
 #: Keys of a stage's section that only another stage reads (``evaluate.export``: the
-#: export jobs): left out of that stage's rerun trigger, so turning ONNX export on
-#: reruns no evaluation.
-NOT_READ = {"evaluate": ("export",)}
+#: export jobs; ``evaluate.latency``: the timing step): left out of that stage's rerun
+#: trigger, so turning ONNX export on or timing longer reruns no evaluation.
+NOT_READ = {"evaluate": ("export", "latency")}
 
 
 def _get(config: Mapping[str, Any], dotted: str) -> Any:
@@ -180,8 +182,14 @@ COMMANDS = {
         "detprune export --checkpoint {input.model} --ann {input.test_ann} "
         "--images {input.test_images} --out {output.onnx} --threads {threads} --log {log}"
     ),
+    "latency": (
+        "detprune time-latency --config {params.config} --metrics {input.metrics} "
+        "--ann {input.test_ann} --images {input.test_images} --out {output.latency} "
+        "--log {log}"
+    ),
     "report": (
         "detprune report --config {params.config} --metrics {input.metrics} "
+        "--latency {input.latency} "
         "--prune-summaries {input.summaries} --tables-dir {params.tables_dir} "
         "--figures-dir {params.figures_dir} --log {log}"
     ),
@@ -385,6 +393,22 @@ def metrics_files(config: Mapping[str, Any]) -> list[str]:
         for m, p in pruned_targets(config)
         for s in seeds_of(config)
     ]
+
+
+def seed_metrics_files(config: Mapping[str, Any], seed: int | str) -> list[str]:
+    """The metrics records the timing step of ``seed`` reads: the baseline its chains
+    prune, then its chains (so every speed-up is a ratio within one timing job)."""
+    base = path("metrics_baseline", config, seed=baseline_seed(config, seed))
+    return [base] + [
+        path("metrics", config, method=m, pct=p, seed=seed) for m, p in pruned_targets(config)
+    ]
+
+
+def latency_files(config: Mapping[str, Any]) -> list[str]:
+    """The timing records the report reads: one per seed, under the report's name (a
+    method-family config over the same results times its own checkpoints)."""
+    name = config["report"]["name"]
+    return [path("latency", config, name=name, seed=s) for s in seeds_of(config)]
 
 
 def summary_files(config: Mapping[str, Any]) -> list[str]:
@@ -665,6 +689,7 @@ def _chain_stages(
 def _report_stage(config: Mapping[str, Any], p: dict[str, Any]) -> Stage:
     rep = report_outputs(config)
     metrics, summaries = metrics_files(config), summary_files(config)
+    latency = latency_files(config)
     name = config["report"]["name"]
     dirs = {
         "tables_dir": f"{config['results']}/tables",
@@ -673,19 +698,44 @@ def _report_stage(config: Mapping[str, Any], p: dict[str, Any]) -> Stage:
     cmd = _cmd(
         "report",
         params={**p, **dirs},
-        input={"metrics": " ".join(metrics), "summaries": " ".join(summaries)},
+        input={
+            "metrics": " ".join(metrics),
+            "latency": " ".join(latency),
+            "summaries": " ".join(summaries),
+        },
         log=path("log", config, stage="report"),
     )
     plot = {"x": "flops_kept (%)", "y": "mAP", "title": f"{name}: mAP vs FLOPs (test split)"}
     return Stage(
         "report",
         cmd,
-        [*metrics, *summaries],
+        [*metrics, *latency, *summaries],
         [rep["md"], rep["tex"], rep["map_vs_flops"], rep["channels"]],
         stage_params(config, "report"),
         metrics=[rep["summary"]],
         plots=[{rep["csv"]: plot}],
     )
+
+
+def _latency_stage(config: Mapping[str, Any], p: dict[str, Any], seed: int) -> Stage:
+    """The timing step of one seed: every checkpoint its metrics records name."""
+    data = dataset_paths(config)
+    test_in = {"test_ann": data["test_ann"], "test_images": data["test_images"]}
+    metrics = seed_metrics_files(config, seed)
+    base = path("baseline", config, seed=baseline_seed(config, seed))
+    ckpts = [base] + [
+        path("finetuned", config, method=m, pct=pc, seed=seed) for m, pc in pruned_targets(config)
+    ]
+    out = path("latency", config, name=config["report"]["name"], seed=seed)
+    cmd = _cmd(
+        "latency",
+        params=p,
+        input={"metrics": " ".join(metrics), **test_in},
+        output={"latency": out},
+        log=path("log", config, stage=f"time_latency/{config['report']['name']}/seed{seed}"),
+    )
+    deps = [*metrics, *ckpts, *test_in.values()]
+    return Stage(f"time_latency_seed{seed}", cmd, deps, [out], stage_params(config, "latency"))
 
 
 def _export_stages(config: Mapping[str, Any]) -> list[Stage]:
@@ -721,6 +771,7 @@ def dvc_stages(config: Mapping[str, Any], config_path: str) -> list[Stage]:
     for method, pc in pruned_targets(config):
         for seed in seeds_of(config):
             stages += _chain_stages(config, p, method, pc, seed)
+    stages += [_latency_stage(config, p, seed) for seed in seeds_of(config)]
     return [*stages, *_export_stages(config), _report_stage(config, p)]
 
 

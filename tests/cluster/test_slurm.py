@@ -22,6 +22,7 @@ SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 SLURM_ENV = {**ENV, "SBATCH_PARTITION": "debug", "SBATCH_ACCOUNT": "detprune"}
 GPU_RULES = {"train_baseline", "sparse_train", "prune", "finetune"}
 EVAL_RULES = {"evaluate_baseline", "evaluate_pruned"}
+TIMING_RULES = {"time_latency"}  # its CPUs: the config's evaluate.latency.threads
 CPU_RULES = {"synth_data", "check_data", "make_report"}
 
 
@@ -58,7 +59,10 @@ def test_dry_run_plans_gpus_for_training_pruning_and_finetuning_only(tmp_path):
         env=SLURM_ENV,
     )  # fmt: skip
     plan = _planned_resources(res.stdout + res.stderr)
-    assert set(plan) >= GPU_RULES | EVAL_RULES | CPU_RULES
+    assert set(plan) >= GPU_RULES | EVAL_RULES | CPU_RULES | TIMING_RULES
+    (timing,) = plan["time_latency"]
+    threads = str(cfg["evaluate"]["latency"]["threads"])
+    assert (timing["gpu"], timing["cpus_per_task"]) == ("1", threads)
     for rule in GPU_RULES | EVAL_RULES:
         for job in plan[rule]:
             assert job["gpu"] == "1", (rule, job)
@@ -165,15 +169,16 @@ def test_tiny_dag_through_sbatch_equals_the_local_run(slurm, tmp_path):
     print(json.dumps({**slurm, "sbatch_jobs": len(jobs), "workflow_wall_s": round(wall, 1)}))
 
     # every Snakemake job went through sbatch (plus the resubmitted training job) ...
-    n_jobs = 6 + len(W.regularizers(cfg)) + 3 * len(W.pruned_targets(cfg)) + 1
-    assert n_jobs == 11  # synth, 3 checks, train, evaluate, sparse, prune, finetune, eval, report
+    n_jobs = 6 + len(W.regularizers(cfg)) + 3 * len(W.pruned_targets(cfg)) + 2
+    # synth, 3 checks, train, evaluate, sparse, prune, finetune, eval, timing, report
+    assert n_jobs == 12
     assert len(submitted) == n_jobs + 1
     assert sorted(j["JobIDRaw"] for j in jobs) == sorted(submitted)
     by_rule: dict[str, list[dict[str, str]]] = {}
     for j in sorted(jobs, key=lambda j: int(j["JobIDRaw"])):
         rule = j["Comment"].removeprefix("rule_").split("_wildcards_")[0]
         by_rule.setdefault(rule, []).append(j)
-    assert set(by_rule) == GPU_RULES | EVAL_RULES | CPU_RULES
+    assert set(by_rule) == GPU_RULES | EVAL_RULES | CPU_RULES | TIMING_RULES
     # ... and SLURM accounted it COMPLETED, but the attempt the test preempted
     first, _ = by_rule["train_baseline"]
     assert first["JobIDRaw"] == preempted and first["State"] == "FAILED", first

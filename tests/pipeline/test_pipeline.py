@@ -83,6 +83,13 @@ def test_snakemake_runs_the_whole_dag(snakemake_run):
     assert set(metrics["metrics"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
     assert metrics["cost"]["input_size"] == [64, 64]
     assert metrics["provenance"]["versions"]["torch"].startswith("2.14.1")
+    # the timing step: every checkpoint timed in PyTorch and ONNX Runtime, in one record
+    timing = json.loads((res / "metrics" / "latency" / "tiny" / "seed0.json").read_text())
+    assert [r["method"] for r in timing["rows"]] == ["baseline", "l1", "slim"]
+    assert all(r["torch"]["runs"] == 2 and r["onnxruntime"]["runs"] == 2 for r in timing["rows"])
+    assert table.loc[0, "speed-up"] == 1.0 and table.loc[0, "ORT speed-up"] == 1.0
+    assert (table["ORT (ms)"] > 0).all() and (table["latency IQR (ms)"] >= 0).all()
+    assert "ORT speed-up" in (res / "tables" / "tiny.md").read_text()
     # every rule wrote its log and benchmark
     assert (res / "logs" / "train" / "seed0.log").stat().st_size > 0
     assert (res / "benchmarks" / "train" / "seed0.tsv").is_file()
@@ -103,14 +110,17 @@ def test_adding_a_method_reruns_only_its_jobs(snakemake_run):
     finally:
         write_config(cfg, proj / "config" / "config.yaml")
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout, flags=re.M))
-    # the baseline and the other methods' rows are cached: uniform's rows and the table run
+    # the baseline and the other methods' rows are cached: uniform's rows, the timing step
+    # (every checkpoint of the seed again, so speed-ups stay ratios within one job) and
+    # the table
     assert jobs == {
         "prune": "1",
         "finetune": "1",
         "evaluate_pruned": "1",
+        "time_latency": "1",
         "make_report": "1",
         "all": "1",
-        "total": "5",
+        "total": "6",
     }
 
 
@@ -125,9 +135,10 @@ def test_more_seeds_add_only_the_new_seeds_chains(snakemake_run):
         "prune": "2",
         "finetune": "2",
         "evaluate_pruned": "2",
+        "time_latency": "1",
         "make_report": "1",
         "all": "1",
-        "total": "9",
+        "total": "10",
     }
     assert "flops50/seed1.pt" in out.stdout and "flops50/seed2" not in out.stdout
 
@@ -176,9 +187,10 @@ def test_another_config_file_reuses_the_runs_jobs(snakemake_run):
         "prune": "1",
         "finetune": "1",
         "evaluate_pruned": "1",
+        "time_latency": "1",
         "make_report": "1",
         "all": "1",
-        "total": "5",
+        "total": "6",
     }
     planned = _run(
         [str(BIN / "snakemake"), "--cores", "2", "-n", "-p", "--configfile", str(family)], proj

@@ -153,7 +153,7 @@ def test_write_table(tmp_path: Path) -> None:
 
     tex = paths[2].read_text(encoding="utf-8")
     # mAP std and the four lo/hi columns are folded into "mean ± spread" cells
-    assert tex.startswith("\\begin{tabular}{llrrrrrrrrrrrlrlrr}")
+    assert tex.startswith("\\begin{tabular}{llrrrrrrrrrrrlrlr}")
     assert "34.0 $\\pm$ 1.4" in tex
     for token in ("\\toprule", "\\midrule", "\\bottomrule", "\\end{tabular}"):
         assert token in tex

@@ -71,7 +71,7 @@ def test_smoke_cuts_every_schedule_and_budget(plans):
             assert (s["epochs"], s["batch_size"]) == (1, 2)
         assert cfg["threads"] == 2
         assert cfg["prune"]["calib_batches"] == 1
-        assert cfg["evaluate"]["latency_runs"] == 1
+        assert cfg["evaluate"]["latency"]["runs"] == 1
         for method, _ in exp.targets:
             opts = cfg["prune"]["options"][method]
             assert opts["calib_batches"] == 1

@@ -38,17 +38,23 @@ def test_dvc_runs_exactly_the_commands_snakemake_plans(root):
     )
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     assert planned == sorted(s["cmd"] for s in stages.values())
-    # every DAG step is there: data, checks, train, baseline eval, 3x(prune, finetune, eval), report
+    # every DAG step is there: data, checks, train, baseline eval, 3x(prune, finetune, eval),
+    # the timing step, report
     cfg = load_config(root / "config" / "config.yaml")
     n = len(cfg["prune"]["methods"]) * len(cfg["prune"]["flops_targets"])
     sparse = {"depgraph", "slim"} & set(cfg["prune"]["methods"])
-    assert len(planned) == 1 + 3 + 1 + 1 + len(sparse) + 3 * n + 1
+    assert len(planned) == 1 + 3 + 1 + 1 + len(sparse) + 3 * n + 1 + 1
     assert "metrics" in stages["report"] and "plots" in stages["report"]
     # every evaluation scores the held-out test split, never val
     evaluations = [c for c in planned if c.startswith("detprune evaluate")]
     assert len(evaluations) == 1 + n
     assert all("instances_test.json" in c and "--split test" in c for c in evaluations)
     assert not any("instances_val.json" in c for c in planned if "data check" not in c)
+    (timing,) = [c for c in planned if c.startswith("detprune time-latency")]
+    timed = timing.split("--metrics ")[1].split(" --ann")[0].split()
+    # it reads every evaluation of the seed, the baseline's first
+    assert timed[0] == "results/metrics/baseline/seed0.json"
+    assert sorted(timed) == sorted(c.split("--out ")[1].split()[0] for c in evaluations)
 
 
 def test_dvc_check_flags_a_stale_file(root, tmp_path: Path):

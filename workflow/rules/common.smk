@@ -158,6 +158,19 @@ def get_test_data(wildcards):
     return {"test_ann": d["test_ann"], "test_images": d["test_images"]}
 
 
+def get_seed_metrics(wildcards):
+    """The metrics records the timing step of a seed reads (baseline first)."""
+    return W.seed_metrics_files(X(wildcards).config, wildcards.seed)
+
+
+def timing_threads(wildcards):
+    """On this machine every core Snakemake has, so no other job runs beside the timing
+    job; on a cluster the config's latency threads (SLURM binds the job to its CPUs)."""
+    if workflow.local_exec:
+        return workflow.cores
+    return X(wildcards).config["evaluate"]["latency"]["threads"]
+
+
 def get_split_data(wildcards):
     d = _data(wildcards)
     return {"ann": d[f"{wildcards.split}_ann"], "images": d[f"{wildcards.split}_images"]}

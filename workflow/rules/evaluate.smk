@@ -75,3 +75,29 @@ rule export_onnx:
         "../envs/detprune.yaml"
     shell:
         CMD["export"]
+
+
+# the timing step (`evaluate.latency`): every evaluated checkpoint of a seed, timed one
+# after the other in one job that shares the CPU with no other job (timing_threads)
+rule time_latency:
+    input:
+        unpack(get_test_data),
+        metrics=get_seed_metrics,
+    output:
+        latency=P("latency", name=config["report"]["name"]),
+    params:
+        config=get_config_path,
+        digest=get_params("latency"),
+    log:
+        log_path(f"time_latency/{config['report']['name']}/seed{{seed}}"),
+    benchmark:
+        bench_path(f"time_latency/{config['report']['name']}/seed{{seed}}")
+    threads: timing_threads
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    conda:
+        "../envs/detprune.yaml"
+    shell:
+        CMD["latency"]

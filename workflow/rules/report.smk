@@ -4,6 +4,7 @@ if TABLES is None:
     rule make_report:
         input:
             metrics=W.metrics_files(config),
+            latency=W.latency_files(config),
             summaries=W.summary_files(config),
         output:
             csv=REPORT["csv"],

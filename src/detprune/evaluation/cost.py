@@ -1,9 +1,7 @@
-"""Model cost: parameters, MACs at a recorded input size, and batch-1 latency."""
+"""Model cost: parameters and MACs at a recorded input size (latency: :mod:`.latency`)."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -70,29 +68,4 @@ def count_macs(
         "input_size": [image_size, image_size],
         "rois_per_image": rois_per_image,
         "per_layer": per_layer,
-    }
-
-
-@torch.no_grad()
-def measure_latency(model: nn.Module, image: torch.Tensor, runs: int, warmup: int = 3) -> dict:
-    """Median wall time of batch-1 inference over ``runs`` repetitions, in milliseconds."""
-    model.eval()
-    device = next(model.parameters()).device
-    image = image.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model([image])
-    sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model([image])
-        sync()
-        times.append((time.perf_counter() - t0) * 1000.0)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {
-        "latency_ms": statistics.median(times),
-        "latency_runs": runs,
-        "latency_device": name,
-        "latency_threads": torch.get_num_threads(),
     }

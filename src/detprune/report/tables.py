@@ -73,7 +73,6 @@ COLUMNS: tuple[str, ...] = (
     "Δref lo",
     "Δref hi",
     "mark",
-    "latency (ms)",
     "seeds",
 )
 # Columns averaged over seeds (the rest are keys, derived, or counts).
@@ -82,13 +81,13 @@ _MEAN_COLUMNS: tuple[str, ...] = (
     "GMACs",
     "params (M)",
     *PERCENT_METRICS,
-    "latency (ms)",
     "_macs",
 )
 _DECIMALS: dict[str, int] = {
     "GMACs": 3,
     "params (M)": 2,
     "seeds": 0,
+    **{c: 2 for c in ("speed-up", "ORT speed-up", "CUDA AMP speed-up")},
     **{f"{d} {end}": 2 for d in ("ΔmAP", "Δref", "Δrepro") for end in ("lo", "hi")},
 }
 _MISSING_MD = "–"
@@ -164,7 +163,6 @@ def _record_row(record: dict[str, Any]) -> dict[str, Any]:
         "flops_target (%)": float(record["flops_target"]) * 100.0,
         "GMACs": float(cost["macs"]) / 1e9,
         "params (M)": float(cost["params"]) / 1e6,
-        "latency (ms)": math.nan if cost.get("latency_ms") is None else float(cost["latency_ms"]),
         "_macs": float(cost["macs"]),
     }
     for column, name in PERCENT_METRICS.items():
