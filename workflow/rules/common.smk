@@ -165,10 +165,11 @@ def get_seed_metrics(wildcards):
 
 def timing_threads(wildcards):
     """On this machine every core Snakemake has, so no other job runs beside the timing
-    job; on a cluster the config's latency threads (SLURM binds the job to its CPUs)."""
-    if workflow.local_exec:
-        return workflow.cores
-    return X(wildcards).config["evaluate"]["latency"]["threads"]
+    job; on a cluster the config's latency threads (SLURM binds the job to its CPUs). A
+    dry run, which cannot tell the two apart, shows the latter."""
+    if workflow.non_local_exec_or_dryrun:
+        return X(wildcards).config["evaluate"]["latency"]["threads"]
+    return workflow.cores
 
 
 def get_split_data(wildcards):
