@@ -33,15 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from detprune.evaluation.export import OPSET, DenseExport
+from detprune.evaluation.export import DenseExport
+from detprune.evaluation.latency import onnx_session, timed
 from detprune.models import MODELS, build_model
 from detprune.pruning.methods import get_method
 from detprune.pruning.procedures.oneshot import macs_counter, prune_once, prune_to_flops
@@ -69,20 +68,6 @@ def randomize_bn(model: nn.Module, seed: int) -> None:
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-
-
-def timed(fn: Callable[[], object], warmup: int, runs: int, sync: Callable[[], None]) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000.0)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "runs": runs}
 
 
 def part_times(model: nn.Module, image: torch.Tensor, runs: int) -> dict[str, float]:
@@ -113,29 +98,21 @@ def part_times(model: nn.Module, image: torch.Tensor, runs: int) -> dict[str, fl
     return {k: statistics.median(v) * len(v) / runs for k, v in spent.items()}
 
 
-def ort_session(net: nn.Module, example: torch.Tensor, threads: int, path: Path):
-    """ONNX Runtime session of ``net`` (TorchScript exporter, opset 17) and its largest
-    output difference to PyTorch, relative to the output's largest magnitude."""
-    import onnxruntime as ort
-
+def ort_session(net: nn.Module, example: torch.Tensor, threads: int):
+    """ONNX Runtime session of ``net`` (the timing step's export), its largest output
+    difference to PyTorch relative to the output's largest magnitude, and its size."""
     with torch.no_grad():
         outputs = list(net(example))
-        torch.onnx.export(
-            net, (example,), str(path), input_names=["images"], opset_version=OPSET, dynamo=False
-        )
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess, size = onnx_session(net, example, threads)
     got = sess.run(None, {"images": example.numpy()})
     diff = max(
         float((torch.from_numpy(g) - o).abs().max() / o.abs().max().clamp_min(1e-12))
         for g, o in zip(got, outputs, strict=True)
     )
-    return sess, diff, path.stat().st_size
+    return sess, diff, size
 
 
-def measure(model: nn.Module, name: str, args: argparse.Namespace, tmp: Path) -> dict:
+def measure(model: nn.Module, args: argparse.Namespace) -> dict:
     model.eval()
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(3, 480, 640, generator=gen)
@@ -152,7 +129,7 @@ def measure(model: nn.Module, name: str, args: argparse.Namespace, tmp: Path) ->
         rec["torch"] = timed(lambda: model([image]), args.warmup, args.runs, none)
         rec["torch_net"] = timed(lambda: net(batch), args.warmup, args.runs, none)
     rec["parts_ms"] = part_times(model, image, max(3, args.runs // 2))
-    sess, diff, size = ort_session(net, batch, args.threads, tmp / f"{name}.onnx")
+    sess, diff, size = ort_session(net, batch, args.threads)
     feed = {"images": batch.numpy()}
     rec["ort_net"] = timed(lambda: sess.run(None, feed), args.warmup, args.runs, none)
     rec["ort_max_rel_diff"] = diff
@@ -216,36 +193,33 @@ def pruned(name: str, model: nn.Module, target: float, allocation: str) -> tuple
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        for name in args.detectors:
-            base = build_model(name, 80, DETECTORS[name])
-            randomize_bn(base, 0)
-            base.eval()
-            variants = [("baseline", 1.0)] + [
-                (alloc, t) for alloc in args.allocations for t in args.targets
-            ]
-            for alloc, target in variants:
-                t0 = time.perf_counter()
-                if alloc == "baseline":
-                    model, kept = base, 1.0
-                else:
-                    fn = pruned_once if args.one_step else pruned
-                    model, kept = fn(name, base, target, alloc)
-                prune_s = time.perf_counter() - t0
-                tag = f"{name}-{alloc}-{int(round(target * 100))}"
-                rec = measure(model, tag, args, tmp)
-                rows.append(
-                    {
-                        "detector": name,
-                        "allocation": alloc,
-                        "target": target,
-                        "flops_kept": kept,
-                        "prune_s": prune_s,
-                        **rec,
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
+    for name in args.detectors:
+        base = build_model(name, 80, DETECTORS[name])
+        randomize_bn(base, 0)
+        base.eval()
+        variants = [("baseline", 1.0)] + [
+            (alloc, t) for alloc in args.allocations for t in args.targets
+        ]
+        for alloc, target in variants:
+            t0 = time.perf_counter()
+            if alloc == "baseline":
+                model, kept = base, 1.0
+            else:
+                fn = pruned_once if args.one_step else pruned
+                model, kept = fn(name, base, target, alloc)
+            prune_s = time.perf_counter() - t0
+            rec = measure(model, args)
+            rows.append(
+                {
+                    "detector": name,
+                    "allocation": alloc,
+                    "target": target,
+                    "flops_kept": kept,
+                    "prune_s": prune_s,
+                    **rec,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
