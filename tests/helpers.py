@@ -72,3 +72,33 @@ def flat(state: dict[str, torch.Tensor], buffers: bool = False) -> torch.Tensor:
     """The floating-point parameters (or the BatchNorm running statistics) as one vector."""
     keys = [k for k, v in state.items() if v.is_floating_point() and ("running" in k) == buffers]
     return torch.cat([state[k].flatten().double() for k in keys])
+
+
+def baseline_and_l1(out: Path, target: float, size: int = 64) -> dict[str, Path]:
+    """Checkpoints of the default run's detector (untrained, seed 0, ``size`` px, 3 classes)
+    and of its l1 prune to ``target`` of the FLOPs (within 25 %, which keeps the bisection
+    to a few trials): ``{"baseline": out/baseline.pt, "l1": out/l1.pt}``."""
+    from detprune.models import MODELS, build_model
+    from detprune.pruning.importance.magnitude import l1_importance
+    from detprune.pruning.procedures.oneshot import macs_counter, prune_to_flops
+    from detprune.train import checkpoint
+
+    name = "fasterrcnn_narrow_fpn"
+    torch.manual_seed(0)
+    spec = checkpoint.model_spec(name, 3, {"image_size": size})
+    model = build_model(name, 3, spec["kwargs"]).eval()
+    checkpoint.save(out / "baseline.pt", spec=spec, model=model, history=[], meta={})
+    entry = MODELS[name]
+    result = prune_to_flops(
+        model,
+        importance=l1_importance(),
+        target=target,
+        tolerance=0.25,
+        example=checkpoint.example_inputs(spec),
+        ignored=list(entry.ignored_layers),
+        macs_fn=macs_counter(
+            size, entry.per_roi_modules, spec["kwargs"]["rpn_post_nms_top_n_test"]
+        ),
+    )
+    checkpoint.save(out / "l1.pt", spec=spec, model=result.model, history=result.history, meta={})
+    return {"baseline": out / "baseline.pt", "l1": out / "l1.pt"}

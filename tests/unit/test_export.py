@@ -13,11 +13,9 @@ import torch
 
 from detprune.cli import main
 from detprune.evaluation import export as ex
-from detprune.models import MODELS, build_model
-from detprune.pruning.importance.magnitude import l1_importance
-from detprune.pruning.procedures.oneshot import macs_counter, prune_to_flops
+from detprune.models import build_model
 from detprune.train import checkpoint
-from tests.helpers import synth
+from tests.helpers import baseline_and_l1, synth
 
 NAME = "fasterrcnn_narrow_fpn"
 SIZE = 64
@@ -32,25 +30,7 @@ def data(tmp_path_factory) -> Path:
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """A baseline of the default run's detector and its l1 prune to ~10 % of the FLOPs
     (within 25 %, which keeps the bisection to a few trials)."""
-    out = tmp_path_factory.mktemp("export_ckpts")
-    torch.manual_seed(0)
-    spec = checkpoint.model_spec(NAME, 3, {"image_size": SIZE})
-    model = build_model(NAME, 3, spec["kwargs"]).eval()
-    checkpoint.save(out / "baseline.pt", spec=spec, model=model, history=[], meta={})
-    entry = MODELS[NAME]
-    result = prune_to_flops(
-        model,
-        importance=l1_importance(),
-        target=0.1,
-        tolerance=0.25,
-        example=checkpoint.example_inputs(spec),
-        ignored=list(entry.ignored_layers),
-        macs_fn=macs_counter(
-            SIZE, entry.per_roi_modules, spec["kwargs"]["rpn_post_nms_top_n_test"]
-        ),
-    )
-    checkpoint.save(out / "l1.pt", spec=spec, model=result.model, history=result.history, meta={})
-    return {"baseline": out / "baseline.pt", "l1": out / "l1.pt"}
+    return baseline_and_l1(tmp_path_factory.mktemp("export_ckpts"), 0.1, SIZE)
 
 
 def _images(data: Path, n: int) -> torch.Tensor:

@@ -9,20 +9,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from detprune.cli import main
 from detprune.data.classification import write_synthetic_classification
 from detprune.evaluation.latency import timed
-from detprune.models import MODELS, build_model
-from detprune.pruning.importance.magnitude import l1_importance
-from detprune.pruning.procedures.oneshot import macs_counter, prune_to_flops
+from detprune.models import build_model
 from detprune.report.speed import add_latency, latency_frame, load_latency
 from detprune.report.tables import build_table
 from detprune.train import checkpoint
 from detprune.utils.io import file_sha256
 from tests.conftest import ROOT
-from tests.helpers import synth
+from tests.helpers import baseline_and_l1, synth
 
 NAME = "fasterrcnn_narrow_fpn"
 SIZE = 64
@@ -46,23 +43,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     metrics records, the test images and a config that times 3 runs after 1 warm-up."""
     root = tmp_path_factory.mktemp("latency")
     data = synth(root / "data")
-    torch.manual_seed(0)
-    spec = checkpoint.model_spec(NAME, 3, {"image_size": SIZE})
-    model = build_model(NAME, 3, spec["kwargs"]).eval()
-    checkpoint.save(root / "baseline.pt", spec=spec, model=model, history=[], meta={})
-    entry = MODELS[NAME]
-    result = prune_to_flops(
-        model,
-        importance=l1_importance(),
-        target=0.25,
-        tolerance=0.25,
-        example=checkpoint.example_inputs(spec),
-        ignored=list(entry.ignored_layers),
-        macs_fn=macs_counter(
-            SIZE, entry.per_roi_modules, spec["kwargs"]["rpn_post_nms_top_n_test"]
-        ),
-    )
-    checkpoint.save(root / "l1.pt", spec=spec, model=result.model, history=result.history, meta={})
+    baseline_and_l1(root, 0.25, SIZE)
     paths = {"root": root, "ann": data / "instances_val.json", "images": data / "val"}
     for tag, flops in (("baseline", 1.0), ("l1", 0.25)):
         rec = root / f"metrics_{tag}.json"
