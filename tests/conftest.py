@@ -45,7 +45,7 @@ TINY = {
     "finetune": {
         "default": {"epochs": 1, "batch_size": 4, "warmup_iters": 1, "max_iters_per_epoch": 2}
     },
-    "evaluate": {"latency": {"runs": 2, "warmup": 1}},
+    "evaluate": {"latency": {"runs": 2, "warmup": 1, "rounds": 2}},
     "report": {"name": "tiny"},
 }
 

@@ -137,7 +137,7 @@ def overlay(cfg: Mapping[str, Any], methods: Iterable[str]) -> dict[str, Any]:
         cut = {k: v for k, v in BUDGETS.items() if k in declared}
         options[m] = {**options.get(m, {}), **cut}
     out["evaluate"]["batch_size"] = BATCH
-    out["evaluate"]["latency"].update(runs=1, warmup=0)
+    out["evaluate"]["latency"].update(runs=1, warmup=0, rounds=1)
     name = out["model"]["name"]
     entry = model_catalog()[name]
     size = CLS_SIZE if entry["task"] == "classification" else DET_SIZE

@@ -12,7 +12,7 @@ import pytest
 
 from detprune.cli import main
 from detprune.data.classification import write_synthetic_classification
-from detprune.evaluation.latency import timed
+from detprune.evaluation.latency import interleaved, timed
 from detprune.models import build_model
 from detprune.report.speed import add_latency, latency_frame, load_latency
 from detprune.report.tables import build_table
@@ -50,7 +50,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
         rec.write_text(json.dumps(_record(root / f"{tag}.pt", tag, flops)))
         paths[tag] = rec
     cfg = (ROOT / "config" / "config.yaml").read_text()
-    cfg = cfg.replace("    runs: 50 ", "    runs: 3 ").replace("    warmup: 10", "    warmup: 1")
+    cfg = cfg.replace("    runs: 100 ", "    runs: 3 ").replace("    warmup: 10", "    warmup: 1")
     (root / "config.yaml").write_text(cfg)
     paths["config"] = root / "config.yaml"
     return paths
@@ -118,7 +118,7 @@ def test_a_classifier_is_timed_whole_in_onnx_runtime(tmp_path):
     rec = tmp_path / "m.json"
     rec.write_text(json.dumps(_record(tmp_path / "cls.pt", "baseline", 1.0, "resnet_narrow_cls")))
     cfg = (ROOT / "config" / "config.yaml").read_text()
-    cfg = cfg.replace("    runs: 50 ", "    runs: 2 ").replace("    warmup: 10", "    warmup: 0")
+    cfg = cfg.replace("    runs: 100 ", "    runs: 2 ").replace("    warmup: 10", "    warmup: 0")
     (tmp_path / "c.yaml").write_text(cfg)
     out = tmp_path / "latency.json"
     main(
@@ -130,6 +130,18 @@ def test_a_classifier_is_timed_whole_in_onnx_runtime(tmp_path):
     assert row["onnxruntime"]["runs"] == 2 and row["onnxruntime"]["onnx_bytes"] > 0
 
 
+def test_interleaved_times_the_functions_in_round_robin_blocks():
+    calls: list[str] = []
+    fns = [lambda n=n: calls.append(n) for n in "abc"]
+    out = interleaved(fns, warmup=1, runs=4, rounds=2)
+    # one warm-up call each, then per round and function one untimed call and 2 timed ones
+    assert "".join(calls) == "abc" + "aaabbbccc" * 2
+    assert [(o["runs"], o["warmup"], o["rounds"]) for o in out] == [(4, 1, 2)] * 3
+    calls.clear()
+    (one,) = interleaved(fns[:1], warmup=0, runs=2, rounds=5)  # never more rounds than runs
+    assert (one["runs"], one["rounds"], "".join(calls)) == (2, 2, "aaaa")
+
+
 def test_timed_reports_median_and_interquartile_range_of_the_runs(monkeypatch):
     import detprune.evaluation.latency as lat
 
@@ -137,7 +149,7 @@ def test_timed_reports_median_and_interquartile_range_of_the_runs(monkeypatch):
     clock = iter([0.0, 0.001, 0.0, 0.003, 0.0, 0.002, 0.0, 0.010, 0.0, 0.004])
     monkeypatch.setattr(lat.time, "perf_counter", lambda: next(clock))
     out = timed(lambda: calls.append(1), warmup=2, runs=5)
-    assert len(calls) == 7  # 2 warm-up + 5 timed
+    assert len(calls) == 8  # 2 warm-up + 1 untimed at the block's start + 5 timed
     # runs of 1, 3, 2, 10, 4 ms: median 3, quartiles 2 and 4 (inclusive method)
     assert out["median_ms"] == pytest.approx(3.0)
     assert out["iqr_ms"] == pytest.approx(2.0)

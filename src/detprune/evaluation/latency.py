@@ -1,17 +1,19 @@
 """Latency as deployed: the timing step of every evaluated checkpoint of a run.
 
 One job per experiment and seed (rule ``time_latency``, ``detprune time-latency``) times
-every checkpoint its evaluation records name, one after the other in one process, and
-claims all the machine's cores in the workflow, so no other job shares the CPU while it
-measures. Per checkpoint, batch 1, on one real test image, after ``warmup`` runs,
-``runs`` repetitions, median and interquartile range:
+every checkpoint its evaluation records name, in one process, and claims all the
+machine's cores in the workflow, so no other job shares the CPU while it measures. Per
+checkpoint, batch 1, on one real test image, ``warmup`` untimed runs, then ``runs`` timed
+ones in ``rounds`` round-robin blocks over all checkpoints (:func:`interleaved`: a
+checkpoint's 100 runs of 10 ms would otherwise all fall in one second, and one passing
+disturbance of the machine would move its median), median and interquartile range:
 
 * ``torch``: the whole registry detector in PyTorch on the CPU (transform, network, box
   decoding, NMS), ``threads`` intra-op threads;
 * ``onnxruntime``: the network alone, as ``detprune export`` writes it
   (:class:`~detprune.evaluation.export.DenseExport`: normalisation, backbone, neck, dense
-  heads; no decoding or NMS), exported in memory and run by ONNX Runtime's CPU provider
-  with ``threads`` intra-op threads and one inter-op thread;
+  heads; no decoding or NMS; a classifier whole), exported in memory and run by ONNX
+  Runtime's CPU provider with ``threads`` intra-op threads and one inter-op thread;
 * ``torch_cuda_amp``: where CUDA is available, the whole detector on the GPU under
   ``torch.autocast(float16)``, synchronised after every run.
 
@@ -44,28 +46,56 @@ from detprune.utils.io import file_sha256
 log = logging.getLogger(__name__)
 
 
+def _stats(times: list[float], warmup: int, rounds: int = 1) -> dict[str, Any]:
+    q1, _, q3 = (
+        statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    )
+    return {
+        "median_ms": statistics.median(times),
+        "iqr_ms": q3 - q1,
+        "min_ms": min(times),
+        "runs": len(times),
+        "warmup": warmup,
+        "rounds": rounds,
+    }
+
+
 def timed(
     fn: Callable[[], object], warmup: int, runs: int, sync: Callable[[], None] = lambda: None
 ) -> dict[str, Any]:
     """Median and interquartile range of ``runs`` timed calls of ``fn`` after ``warmup``
     untimed ones, in milliseconds (``sync`` waits for asynchronous devices)."""
-    for _ in range(warmup):
-        fn()
+    return interleaved([fn], warmup, runs, 1, sync)[0]
+
+
+def interleaved(
+    fns: list[Callable[[], object]],
+    warmup: int,
+    runs: int,
+    rounds: int,
+    sync: Callable[[], None] = lambda: None,
+) -> list[dict[str, Any]]:
+    """:func:`timed` for several functions at once, in ``rounds`` round-robin blocks of
+    ``runs / rounds`` timed calls (each block after one untimed call), so that every
+    function's runs spread over the whole measurement and a passing disturbance of the
+    machine touches a few runs of each, not all runs of one."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000.0)
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if runs > 1 else times * 3
-    return {
-        "median_ms": statistics.median(times),
-        "iqr_ms": q3 - q1,
-        "min_ms": min(times),
-        "runs": runs,
-        "warmup": warmup,
-    }
+    rounds = max(1, min(rounds, runs))
+    per = -(-runs // rounds)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times, strict=True):
+            fn()  # the caches hold the previous function's weights: refill them
+            sync()
+            for _ in range(per):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                out.append((time.perf_counter() - t0) * 1000.0)
+    return [_stats(t, warmup, rounds) for t in times]
 
 
 def onnx_session(net: nn.Module, example: torch.Tensor, threads: int) -> tuple[Any, int]:
@@ -87,68 +117,38 @@ def onnx_session(net: nn.Module, example: torch.Tensor, threads: int) -> tuple[A
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]), len(data)
 
 
-@torch.no_grad()
-def torch_latency(model: nn.Module, image: torch.Tensor, warmup: int, runs: int) -> dict:
-    """The whole detector (a list of one CHW image in, detections out) on the CPU."""
-    model.eval()
-    return timed(lambda: model([image]), warmup, runs)
+def _torch_call(model: nn.Module, image: torch.Tensor) -> Callable[[], object]:
+    """The whole detector (a list of one CHW image in, detections out), no autograd."""
+
+    def run() -> object:
+        with torch.no_grad():
+            return model([image])
+
+    return run
 
 
-@torch.no_grad()
-def cuda_amp_latency(model: nn.Module, image: torch.Tensor, warmup: int, runs: int) -> dict:
-    """The whole detector on the GPU under float16 autocast; the model is moved back."""
-    model.eval().cuda()
-    img = image.cuda()
+def _cuda_amp_call(model: nn.Module, image: torch.Tensor) -> Callable[[], object]:
+    """The whole detector on the GPU under float16 autocast (``model`` already there)."""
 
-    def run() -> None:
-        with torch.autocast("cuda", dtype=torch.float16):
-            model([img])
+    def run() -> object:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            return model([image])
 
-    try:
-        out = timed(run, warmup, runs, torch.cuda.synchronize)
-    finally:
-        model.cpu()
-    return {**out, "device": torch.cuda.get_device_name(0)}
+    return run
 
 
-def onnx_latency(
-    net: nn.Module, size: int, image: torch.Tensor, threads: int, warmup: int, runs: int
-) -> dict:
-    """``net`` (a tensor in, tensors out) in ONNX Runtime, batch 1, on ``image`` resized
-    to ``size``."""
-    net.eval()
+def _onnx_call(
+    model: nn.Module, classifier: bool, size: int, image: torch.Tensor, threads: int
+) -> tuple[Callable[[], object], int]:
+    """The network in ONNX Runtime, batch 1, on ``image`` resized to ``size``: a
+    detector's dense part (:class:`DenseExport`), a classifier whole; and its size."""
+    net = (model if classifier else DenseExport(model)).eval()
     x = torch.nn.functional.interpolate(
         image[None], size=(size, size), mode="bilinear", align_corners=False
     )
     session, nbytes = onnx_session(net, x, threads)
     feed = {"images": x.numpy()}
-    out = timed(lambda: session.run(None, feed), warmup, runs)
-    return {**out, "onnx_bytes": nbytes}
-
-
-def time_model(
-    model: nn.Module,
-    image: torch.Tensor,
-    size: int,
-    *,
-    classifier: bool,
-    threads: int,
-    warmup: int,
-    runs: int,
-    onnxruntime: bool = True,
-    cuda_amp: bool = True,
-) -> dict[str, Any]:
-    """Every latency this step records for one model (see the module docstring); the
-    ONNX network is a detector's dense part (:class:`DenseExport`), a classifier whole."""
-    torch.set_num_threads(threads)
-    model = model.cpu().eval()
-    out: dict[str, Any] = {"torch": torch_latency(model, image, warmup, runs)}
-    if onnxruntime:
-        net = model if classifier else DenseExport(model)
-        out["onnxruntime"] = onnx_latency(net, size, image, threads, warmup, runs)
-    if cuda_amp and torch.cuda.is_available():
-        out["torch_cuda_amp"] = cuda_amp_latency(model, image, warmup, runs)
-    return out
+    return (lambda: session.run(None, feed)), nbytes
 
 
 def _checked_checkpoint(record: dict[str, Any], where: str) -> str:
@@ -164,12 +164,46 @@ def _checked_checkpoint(record: dict[str, Any], where: str) -> str:
     return path
 
 
+def _first_image(ann: str, images: str, classifier: bool) -> torch.Tensor:
+    if classifier:
+        return ImageFolderDataset(images).load_image(0)
+    dataset = CocoDetection(ann, images)
+    return dataset.load_image(dataset.ids[0])
+
+
+def _measure(paths: list[str], image: torch.Tensor, lcfg: dict[str, Any]) -> list[dict]:
+    """Per checkpoint, its timings (``torch``, ``onnxruntime``, ``torch_cuda_amp``)."""
+    classifier = MODELS[checkpoint.load(paths[0])["model"]["name"]].task == "classification"
+    torch.set_num_threads(lcfg["threads"])
+    models, calls, nbytes = [], {"torch": [], "onnxruntime": []}, []
+    for path in paths:
+        model, ckpt = checkpoint.load_model(path)
+        models.append(model.cpu().eval())
+        calls["torch"].append(_torch_call(model, image))
+        if lcfg["onnxruntime"]:
+            size = int(checkpoint.example_inputs(ckpt["model"]).shape[-1])
+            call, n = _onnx_call(model, classifier, size, image, lcfg["threads"])
+            calls["onnxruntime"].append(call)
+            nbytes.append(n)
+    schedule = (lcfg["warmup"], lcfg["runs"], lcfg["rounds"])
+    results = {k: interleaved(fns, *schedule) for k, fns in calls.items() if fns}
+    for r, n in zip(results.get("onnxruntime", []), nbytes, strict=False):
+        r["onnx_bytes"] = n
+    if lcfg["cuda_amp"] and torch.cuda.is_available():
+        gpu_image, device = image.cuda(), torch.cuda.get_device_name(0)
+        fns = [_cuda_amp_call(m.cuda(), gpu_image) for m in models]
+        results["torch_cuda_amp"] = [
+            {**r, "device": device} for r in interleaved(fns, *schedule, torch.cuda.synchronize)
+        ]
+    return [{k: v[i] for k, v in results.items()} for i in range(len(paths))]
+
+
 def time_checkpoints(
     metrics: list[str], ann: str, images: str, lcfg: dict[str, Any]
 ) -> dict[str, Any]:
-    """Time every checkpoint the metrics records ``metrics`` name (one process, in the
-    order given), on the first image of the split ``ann``/``images`` (a classifier's:
-    the ImageFolder root ``images``); the timing record."""
+    """Time every checkpoint the metrics records ``metrics`` name (one process), on the
+    first image of the split ``ann``/``images`` (a classifier's: the ImageFolder root
+    ``images``); the timing record, its rows in the order of ``metrics``."""
     records = []
     for p in metrics:
         rec = json.loads(Path(p).read_text(encoding="utf-8"))
@@ -177,28 +211,10 @@ def time_checkpoints(
     if not records:
         raise ValueError("no metrics records to time")
     name = checkpoint.load(records[0][2])["model"]["name"]
-    classifier = MODELS[name].task == "classification"
-    if classifier:
-        dataset = ImageFolderDataset(images)
-        image = dataset.load_image(0)
-    else:
-        dataset = CocoDetection(ann, images)
-        image = dataset.load_image(dataset.ids[0])
+    image = _first_image(ann, images, MODELS[name].task == "classification")
+    timings = _measure([path for _, _, path in records], image, lcfg)
     rows = []
-    for p, rec, path in records:
-        model, ckpt = checkpoint.load_model(path)
-        size = int(checkpoint.example_inputs(ckpt["model"]).shape[-1])
-        timing = time_model(
-            model,
-            image,
-            size,
-            classifier=classifier,
-            threads=lcfg["threads"],
-            warmup=lcfg["warmup"],
-            runs=lcfg["runs"],
-            onnxruntime=lcfg["onnxruntime"],
-            cuda_amp=lcfg["cuda_amp"],
-        )
+    for (p, rec, path), timing in zip(records, timings, strict=True):
         rows.append(
             {
                 **{k: rec[k] for k in ("detector", "method", "flops_target", "seed")},
@@ -207,13 +223,14 @@ def time_checkpoints(
                 **timing,
             }
         )
+        ort_ms = timing.get("onnxruntime", {}).get("median_ms", float("nan"))
         log.info(
-            "%s %s: torch %.2f ms (IQR %.2f)%s",
+            "%s %s: torch %.2f ms (IQR %.2f), ORT %.2f ms",
             rec["method"],
             rec["flops_target"],
             timing["torch"]["median_ms"],
             timing["torch"]["iqr_ms"],
-            f", ORT {timing['onnxruntime']['median_ms']:.2f} ms" if "onnxruntime" in timing else "",
+            ort_ms,
         )
     return {
         "batch": 1,
