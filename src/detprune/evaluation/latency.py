@@ -113,6 +113,9 @@ def onnx_session(net: nn.Module, example: torch.Tensor, threads: int) -> tuple[A
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # idle intra-op threads sleep instead of spinning: the timing job holds one session
+    # per checkpoint, and spinning pools of the others slowed each run 3x (7 vs 2 ms)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = buf.getvalue()
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]), len(data)
 
