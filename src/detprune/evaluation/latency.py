@@ -4,9 +4,11 @@ One job per experiment and seed (rule ``time_latency``, ``detprune time-latency`
 every checkpoint its evaluation records name, in one process, and claims all the
 machine's cores in the workflow, so no other job shares the CPU while it measures. Per
 checkpoint, batch 1, on one real test image, ``warmup`` untimed runs, then ``runs`` timed
-ones in ``rounds`` round-robin blocks over all checkpoints (:func:`interleaved`: a
-checkpoint's 100 runs of 10 ms would otherwise all fall in one second, and one passing
-disturbance of the machine would move its median), median and interquartile range:
+ones, median and interquartile range. PyTorch's runs come in ``rounds`` round-robin
+blocks over all checkpoints (:func:`interleaved`: a checkpoint's 100 runs of 10 ms would
+otherwise fall in one second, and one passing disturbance of the machine would move its
+median and its speed-up); ONNX Runtime's in one block per checkpoint (switching sessions
+costs a run a thread pool's wake-up):
 
 * ``torch``: the whole registry detector in PyTorch on the CPU (transform, network, box
   decoding, NMS), ``threads`` intra-op threads;
@@ -113,9 +115,6 @@ def onnx_session(net: nn.Module, example: torch.Tensor, threads: int) -> tuple[A
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # idle intra-op threads sleep instead of spinning: the timing job holds one session
-    # per checkpoint, and spinning pools of the others slowed each run 3x (7 vs 2 ms)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = buf.getvalue()
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]), len(data)
 
@@ -189,7 +188,14 @@ def _measure(paths: list[str], image: torch.Tensor, lcfg: dict[str, Any]) -> lis
             calls["onnxruntime"].append(call)
             nbytes.append(n)
     schedule = (lcfg["warmup"], lcfg["runs"], lcfg["rounds"])
-    results = {k: interleaved(fns, *schedule) for k, fns in calls.items() if fns}
+    # PyTorch in round-robin blocks; ONNX Runtime one session after the other (1 round):
+    # switching sessions costs a run the wake-up of an idle thread pool or, with spinning
+    # pools, the previous pool's spinning (baseline 2.1 ms in one block, 2.9 / 7.9 ms in
+    # blocks: benchmarks/default_run.md)
+    results = {"torch": interleaved(calls["torch"], *schedule)}
+    if calls["onnxruntime"]:
+        one = (lcfg["warmup"], lcfg["runs"], 1)
+        results["onnxruntime"] = [interleaved([f], *one)[0] for f in calls["onnxruntime"]]
     for r, n in zip(results.get("onnxruntime", []), nbytes, strict=False):
         r["onnx_bytes"] = n
     if lcfg["cuda_amp"] and torch.cuda.is_available():
