@@ -25,6 +25,7 @@ machine, same minutes); the speed-up columns of the tables are ratios within a r
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -173,31 +174,43 @@ def _first_image(ann: str, images: str, classifier: bool) -> torch.Tensor:
     return dataset.load_image(dataset.ids[0])
 
 
+def _onnx_timings(
+    models: list[nn.Module],
+    sizes: list[int],
+    image: torch.Tensor,
+    lcfg: dict[str, Any],
+    classifier: bool,
+) -> list[dict[str, Any]]:
+    """ONNX Runtime, one session at a time: each is created, timed in one block and
+    freed before the next, because a live session's intra-op pool spins after its runs
+    and slows the next session's (2.3 vs 2.1 ms for the default baseline, 1.0 vs 0.6 ms
+    at 10 % FLOPs, with all sessions alive; benchmarks/default_run.md)."""
+    out = []
+    for model, size in zip(models, sizes, strict=True):
+        call, nbytes = _onnx_call(model, classifier, size, image, lcfg["threads"])
+        (timing,) = interleaved([call], lcfg["warmup"], lcfg["runs"], 1)
+        out.append({**timing, "onnx_bytes": nbytes})
+        del call
+        gc.collect()
+    return out
+
+
 def _measure(paths: list[str], image: torch.Tensor, lcfg: dict[str, Any]) -> list[dict]:
-    """Per checkpoint, its timings (``torch``, ``onnxruntime``, ``torch_cuda_amp``)."""
+    """Per checkpoint, its timings (``torch``, ``onnxruntime``, ``torch_cuda_amp``).
+
+    PyTorch's runs in round-robin blocks over all checkpoints (:func:`interleaved`);
+    ONNX Runtime's one session after the other (:func:`_onnx_timings`)."""
     classifier = MODELS[checkpoint.load(paths[0])["model"]["name"]].task == "classification"
     torch.set_num_threads(lcfg["threads"])
-    models, calls, nbytes = [], {"torch": [], "onnxruntime": []}, []
+    models, sizes = [], []
     for path in paths:
         model, ckpt = checkpoint.load_model(path)
         models.append(model.cpu().eval())
-        calls["torch"].append(_torch_call(model, image))
-        if lcfg["onnxruntime"]:
-            size = int(checkpoint.example_inputs(ckpt["model"]).shape[-1])
-            call, n = _onnx_call(model, classifier, size, image, lcfg["threads"])
-            calls["onnxruntime"].append(call)
-            nbytes.append(n)
+        sizes.append(int(checkpoint.example_inputs(ckpt["model"]).shape[-1]))
     schedule = (lcfg["warmup"], lcfg["runs"], lcfg["rounds"])
-    # PyTorch in round-robin blocks; ONNX Runtime one session after the other (1 round):
-    # switching sessions costs a run the wake-up of an idle thread pool or, with spinning
-    # pools, the previous pool's spinning (baseline 2.1 ms in one block, 2.9 / 7.9 ms in
-    # blocks: benchmarks/default_run.md)
-    results = {"torch": interleaved(calls["torch"], *schedule)}
-    if calls["onnxruntime"]:
-        one = (lcfg["warmup"], lcfg["runs"], 1)
-        results["onnxruntime"] = [interleaved([f], *one)[0] for f in calls["onnxruntime"]]
-    for r, n in zip(results.get("onnxruntime", []), nbytes, strict=False):
-        r["onnx_bytes"] = n
+    results = {"torch": interleaved([_torch_call(m, image) for m in models], *schedule)}
+    if lcfg["onnxruntime"]:
+        results["onnxruntime"] = _onnx_timings(models, sizes, image, lcfg, classifier)
     if lcfg["cuda_amp"] and torch.cuda.is_available():
         gpu_image, device = image.cuda(), torch.cuda.get_device_name(0)
         fns = [_cuda_amp_call(m.cuda(), gpu_image) for m in models]
