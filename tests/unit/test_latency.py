@@ -68,6 +68,7 @@ def test_every_checkpoint_is_timed_in_pytorch_and_onnx_runtime(run):
     main(_time(run, out, run["baseline"], run["l1"]))
     record = json.loads(out.read_text())
     assert (record["batch"], record["threads"]) == (1, 2)
+    assert record["malloc"] == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 1 << 30}
     assert record["provenance"]["config"]["evaluate"]["latency"]["runs"] == 3
     assert [(r["method"], r["flops_target"]) for r in record["rows"]] == [
         ("baseline", 1.0),

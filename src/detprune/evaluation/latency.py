@@ -25,7 +25,7 @@ machine, same minutes); the speed-up columns of the tables are ratios within a r
 
 from __future__ import annotations
 
-import gc
+import ctypes
 import io
 import json
 import logging
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detprune.data.classification import ImageFolderDataset
@@ -101,23 +102,33 @@ def interleaved(
     return [_stats(t, warmup, rounds) for t in times]
 
 
-def onnx_session(net: nn.Module, example: torch.Tensor, threads: int) -> tuple[Any, int]:
-    """An ONNX Runtime CPU session of ``net`` exported in memory (TorchScript exporter,
-    opset :data:`~detprune.evaluation.export.OPSET`), and the file's size in bytes."""
-    import onnxruntime as ort
-
+def onnx_bytes(net: nn.Module, example: torch.Tensor) -> bytes:
+    """``net`` exported in memory (TorchScript exporter, opset
+    :data:`~detprune.evaluation.export.OPSET`), as ``detprune export`` writes it."""
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             net, (example,), buf, input_names=["images"], opset_version=OPSET, dynamo=False
         )
+    return buf.getvalue()
+
+
+def ort_cpu_session(data: bytes, threads: int) -> Any:
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads, one inter-op thread."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    data = buf.getvalue()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]), len(data)
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_session(net: nn.Module, example: torch.Tensor, threads: int) -> tuple[Any, int]:
+    """An ONNX Runtime CPU session of ``net`` (:func:`onnx_bytes`) and the file's size."""
+    data = onnx_bytes(net, example)
+    return ort_cpu_session(data, threads), len(data)
 
 
 def _torch_call(model: nn.Module, image: torch.Tensor) -> Callable[[], object]:
@@ -140,20 +151,6 @@ def _cuda_amp_call(model: nn.Module, image: torch.Tensor) -> Callable[[], object
     return run
 
 
-def _onnx_call(
-    model: nn.Module, classifier: bool, size: int, image: torch.Tensor, threads: int
-) -> tuple[Callable[[], object], int]:
-    """The network in ONNX Runtime, batch 1, on ``image`` resized to ``size``: a
-    detector's dense part (:class:`DenseExport`), a classifier whole; and its size."""
-    net = (model if classifier else DenseExport(model)).eval()
-    x = torch.nn.functional.interpolate(
-        image[None], size=(size, size), mode="bilinear", align_corners=False
-    )
-    session, nbytes = onnx_session(net, x, threads)
-    feed = {"images": x.numpy()}
-    return (lambda: session.run(None, feed)), nbytes
-
-
 def _checked_checkpoint(record: dict[str, Any], where: str) -> str:
     """The checkpoint a metrics record names, refused if it changed since evaluation."""
     ckpt = record.get("checkpoint")
@@ -165,6 +162,22 @@ def _checked_checkpoint(record: dict[str, Any], where: str) -> str:
     if file_sha256(path) != ckpt["sha256"]:
         raise ValueError(f"{where}: checkpoint {path} changed since it was evaluated (sha256)")
     return path
+
+
+#: glibc malloc settings for the timing process (``mallopt``): a fixed mmap threshold of
+#: 32 MiB (its maximum) and no trimming below 1 GiB, so that freed tensors stay mapped and
+#: a run does not page their memory in again. With glibc's adaptive defaults the default
+#: baseline's median was 14.0-16.8 ms over timing jobs, with these 12.8-13.5 ms.
+MALLOC = {"M_MMAP_THRESHOLD": (-3, 32 << 20), "M_TRIM_THRESHOLD": (-1, 1 << 30)}
+
+
+def steady_malloc() -> dict[str, int]:
+    """Apply :data:`MALLOC` where the C library is glibc; what was set (empty if none)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return {}
+    return {k: v for k, (param, v) in MALLOC.items() if libc.mallopt(param, v) == 1}
 
 
 def _first_image(ann: str, images: str, classifier: bool) -> torch.Tensor:
@@ -181,18 +194,36 @@ def _onnx_timings(
     lcfg: dict[str, Any],
     classifier: bool,
 ) -> list[dict[str, Any]]:
-    """ONNX Runtime, one session at a time: each is created, timed in one block and
-    freed before the next, because a live session's intra-op pool spins after its runs
-    and slows the next session's (2.3 vs 2.1 ms for the default baseline, 1.0 vs 0.6 ms
-    at 10 % FLOPs, with all sessions alive; benchmarks/default_run.md)."""
-    out = []
+    """ONNX Runtime: the network of each model (a detector's dense part, a classifier
+    whole) on ``image`` resized to the model's size, batch 1, in ``rounds`` passes over
+    all models. In each pass every model gets a fresh session, ``warmup / rounds`` (at
+    least 3) untimed runs and its share of the timed ones, and is freed before the next:
+    live sessions' spinning thread pools slow each other's runs (7.9 vs 2.1 ms for the
+    default baseline), and without spinning every run pays the pool's wake-up (2.9 ms),
+    while one block per model lets a slow stretch of the machine take whole rows
+    (benchmarks/default_run.md)."""
+    feeds, files = [], []
     for model, size in zip(models, sizes, strict=True):
-        call, nbytes = _onnx_call(model, classifier, size, image, lcfg["threads"])
-        (timing,) = interleaved([call], lcfg["warmup"], lcfg["runs"], 1)
-        out.append({**timing, "onnx_bytes": nbytes})
-        del call
-        gc.collect()
-    return out
+        x = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)
+        files.append(onnx_bytes((model if classifier else DenseExport(model)).eval(), x))
+        feeds.append({"images": x.numpy()})
+    rounds = max(1, min(lcfg["rounds"], lcfg["runs"]))
+    per, warm = -(-lcfg["runs"] // rounds), max(3, lcfg["warmup"] // rounds)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for data, feed, out in zip(files, feeds, times, strict=True):
+            session = ort_cpu_session(data, lcfg["threads"])
+            for _ in range(warm):
+                session.run(None, feed)
+            for _ in range(per):
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                out.append((time.perf_counter() - t0) * 1000.0)
+            del session
+    return [
+        {**_stats(t, lcfg["warmup"], rounds), "onnx_bytes": len(d)}
+        for t, d in zip(times, files, strict=True)
+    ]
 
 
 def _measure(paths: list[str], image: torch.Tensor, lcfg: dict[str, Any]) -> list[dict]:
@@ -232,6 +263,7 @@ def time_checkpoints(
         records.append((p, rec, _checked_checkpoint(rec, p)))
     if not records:
         raise ValueError("no metrics records to time")
+    malloc = steady_malloc()
     name = checkpoint.load(records[0][2])["model"]["name"]
     image = _first_image(ann, images, MODELS[name].task == "classification")
     timings = _measure([path for _, _, path in records], image, lcfg)
@@ -257,6 +289,7 @@ def time_checkpoints(
     return {
         "batch": 1,
         "threads": lcfg["threads"],
+        "malloc": malloc,
         "image": {"ann": ann, "images": images, "shape": list(image.shape)},
         "rows": rows,
     }
