@@ -87,7 +87,8 @@ _DECIMALS: dict[str, int] = {
     "GMACs": 3,
     "params (M)": 2,
     "seeds": 0,
-    **{c: 2 for c in ("speed-up", "ORT speed-up", "CUDA AMP speed-up")},
+    **{c: 2 for c in ("speed-up", "ORT speed-up", "CUDA AMP speed-up", "latency IQR (ms)")},
+    **{c: 2 for c in ("ORT (ms)", "ORT IQR (ms)", "CUDA AMP (ms)", "CUDA AMP IQR (ms)")},
     **{f"{d} {end}": 2 for d in ("ΔmAP", "Δref", "Δrepro") for end in ("lo", "hi")},
 }
 _MISSING_MD = "–"
