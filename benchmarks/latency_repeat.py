@@ -3,7 +3,8 @@ same machine give medians within 10 %").
 
 Reads two records of ``detprune time-latency`` (e.g. a default run's
 ``results/metrics/latency/default/seed0.json``, copied aside, and the record of a second
-timing of the same checkpoints), pairs their rows by checkpoint sha256 and prints, per row
+timing or a second run of the same config), pairs their rows by detector, method, FLOPs
+target and seed and prints, per row
 and per timing (PyTorch whole detector, ONNX Runtime network), both medians, their IQRs and
 the relative difference; then the largest difference, and per method whether the latency
 falls as the FLOPs target falls.
@@ -20,20 +21,22 @@ from pathlib import Path
 KINDS = ("torch", "onnxruntime")
 
 
-def rows_by_checkpoint(path: Path) -> dict[str, dict]:
+def rows_by_checkpoint(path: Path) -> dict[tuple, dict]:
+    """Rows keyed by (detector, method, FLOPs target, seed): two runs of one config in two
+    clones write checkpoints with the same weights under other paths."""
     record = json.loads(path.read_text())
-    return {r["checkpoint"]["sha256"]: r for r in record["rows"]}
+    return {(r["detector"], r["method"], r["flops_target"], r["seed"]): r for r in record["rows"]}
 
 
-def compare(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], dict[str, float]]:
+def compare(a: dict[tuple, dict], b: dict[tuple, dict]) -> tuple[list[str], dict[str, float]]:
     lines = [
         "| method | FLOPs target | PyTorch ms, 1st (IQR) | 2nd (IQR) | diff | "
         "ORT ms, 1st (IQR) | 2nd (IQR) | diff |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     worst = dict.fromkeys(KINDS, 0.0)
-    for sha, ra in a.items():
-        rb = b[sha]
+    for key, ra in a.items():
+        rb = b[key]
         cells = [ra["method"], f"{ra['flops_target'] * 100:g} %"]
         for kind in KINDS:
             ma, mb = ra[kind]["median_ms"], rb[kind]["median_ms"]
@@ -48,7 +51,7 @@ def compare(a: dict[str, dict], b: dict[str, dict]) -> tuple[list[str], dict[str
     return lines, worst
 
 
-def monotone(rows: dict[str, dict]) -> list[str]:
+def monotone(rows: dict[tuple, dict]) -> list[str]:
     """Per method and timing: does the median fall as the FLOPs target falls?"""
     by_method: dict[str, list[dict]] = {}
     for r in rows.values():
@@ -73,7 +76,7 @@ def main() -> None:
     args = p.parse_args()
     a, b = rows_by_checkpoint(args.first), rows_by_checkpoint(args.second)
     if set(a) != set(b):
-        raise SystemExit("the two records time different checkpoints")
+        raise SystemExit("the two records time different rows")
     lines, worst = compare(a, b)
     lines += ["", *(f"largest |difference|, {k}: {v * 100:.1f} %" for k, v in worst.items())]
     lines += ["", "first record:", *monotone(a), "", "second record:", *monotone(b)]
